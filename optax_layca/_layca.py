@@ -1,0 +1,390 @@
+"""Layca's operations (seed 000, Algorithm 1) and the LARS norm cap (App. A.2).
+
+Transforms before ``optax.scale_by_learning_rate`` act on gradient-like directions; those after
+it act on the signed update and read ``params``. Every reduction is per layer (or per unit) and
+in float32; results are cast back to the dtype of the incoming update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
+from ._layers import Layering, LeafLayout, check_same_structure, layer_depths
+from ._multipliers import NO_PARAMS_MSG, check_alpha, is_concrete, multiplier_at_depth, value_at
+
+DEFAULT_PARALLEL_TOL = 1e-3
+
+
+def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
+    """Per-layer inner product in float32, with the reduced axes kept (for broadcasting)."""
+    return jnp.sum(
+        x.astype(jnp.float32) * y.astype(jnp.float32), axis=lo.reduce_axes, keepdims=True
+    )
+
+
+def layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
+    """Per-layer Euclidean norm in float32, reduced axes kept."""
+    return jnp.sqrt(layer_dot(x, x, lo))
+
+
+def _check_params(updates: Any, params: Any) -> None:
+    if params is None:
+        raise ValueError(NO_PARAMS_MSG)
+    check_same_structure(updates, params, "updates")
+
+
+def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
+    """‖w⁰‖ per layer (float32, reduced axes kept; a 0-d zero for non-layer leaves).
+
+    A zero-norm layer can never rotate under a norm-pinning transform, so when ``params`` are
+    concrete this raises a ValueError naming the leaf.
+    """
+
+    def norm(lo, w):
+        if not lo.is_layer:
+            return jnp.zeros((), jnp.float32)
+        n = layer_norm(w, lo)
+        if is_concrete(n) and bool(jnp.any(n == 0)):
+            zeros = int(jnp.sum(n == 0))
+            raise ValueError(
+                f"`{transform}`: layer {lo.path!r} has zero initial norm ({zeros} of "
+                f"{n.size} groups), so it can never rotate (op 4 pins it at norm 0). "
+                "Initialise it with non-zero values, or exclude it with `is_layer=`."
+            )
+        return n
+
+    return layering.map(norm, params)
+
+
+def project_orthogonal(
+    *,
+    is_layer: IsLayer = None,
+    layer_axis: LayerAxis = None,
+    per_unit: bool = False,
+    parallel_tol: float = DEFAULT_PARALLEL_TOL,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Layca op 1: projects each layer's step onto the tangent space of its sphere.
+
+    .. math::
+      s \leftarrow s - \frac{s \cdot w}{w \cdot w} w
+
+    A step within ``parallel_tol`` (relative: ``‖s_⊥‖ ≤ parallel_tol ‖s‖``) of being parallel
+    to ``w`` is treated as parallel and projects to 0, as does any step of a zero-norm layer:
+    float32 cancellation makes the direction of such a tiny remainder meaningless.
+    Non-layer leaves pass through unchanged.
+
+    Args:
+      is_layer: which leaves are layers (default: kernels/embeddings, ndim >= 2).
+      layer_axis: stack axis of leaves holding several layers.
+      per_unit: project each output unit (last axis) separately.
+      parallel_tol: relative threshold under which the projected step is set to 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (needs ``params``).
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> w = {"kernel": jnp.array([[1.0, 0.0]])}
+      >>> u, _ = project_orthogonal().update({"kernel": jnp.array([[2.0, 3.0]])}, None, w)
+      >>> u["kernel"].tolist()
+      [[0.0, 3.0]]
+    """
+    layering = Layering(is_layer, layer_axis, per_unit)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _check_params(updates, params)
+
+        def project(lo, s, w):
+            if not lo.is_layer:
+                return s
+            s32, w32 = s.astype(jnp.float32), w.astype(jnp.float32)
+            a, b = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo)
+            perp = s32 - jnp.where(a > 0, b / jnp.where(a > 0, a, 1.0), 0.0) * w32
+            keep = (a > 0) & (layer_dot(perp, perp, lo) > parallel_tol**2 * layer_dot(s32, s32, lo))
+            return jnp.where(keep, perp, 0.0).astype(s.dtype)
+
+        return layering.map(project, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def scale_to_weight_norm(
+    *,
+    is_layer: IsLayer = None,
+    layer_axis: LayerAxis = None,
+    per_unit: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Layca op 2 (rotation-based normalisation): rescales each layer's step to ‖w‖.
+
+    .. math::
+      s \leftarrow s \, \frac{\lVert w \rVert}{\lVert s \rVert}
+
+    A zero step stays zero (never NaN). Non-layer leaves pass through unchanged. Without op 1
+    this is the normalisation of LARS/NGadap.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> u, _ = scale_to_weight_norm().update(
+      ...     {"kernel": jnp.array([[0.0, 0.5]])}, None, {"kernel": jnp.array([[3.0, 4.0]])})
+      >>> u["kernel"].tolist()
+      [[0.0, 5.0]]
+    """
+    layering = Layering(is_layer, layer_axis, per_unit)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _check_params(updates, params)
+
+        def scale(lo, s, w):
+            if not lo.is_layer:
+                return s
+            ns, nw = layer_norm(s, lo), layer_norm(w, lo)
+            k = jnp.where(ns > 0, nw / jnp.where(ns > 0, ns, 1.0), 0.0)
+            return (s.astype(jnp.float32) * k).astype(s.dtype)
+
+        return layering.map(scale, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+class InitialNormState(NamedTuple):
+    """Norm of every layer at ``init`` (float32, reduced axes kept; 0-d 0 for non-layers)."""
+
+    initial_norm: Any
+
+
+def project_to_initial_norm(
+    *,
+    is_layer: IsLayer = None,
+    layer_axis: LayerAxis = None,
+    per_unit: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Layca op 4: rescales each updated layer back onto its initial sphere.
+
+    Acts on the signed update ``u`` (place it after ``scale_by_learning_rate``): with
+    ``w' = w + u`` it returns ``u' = w' ‖w⁰‖ / ‖w'‖ - w``, so ``‖w + u'‖ = ‖w⁰‖``.
+
+    ``init`` raises a ValueError naming the layer when a concrete initial norm is zero. When
+    ``init`` runs under tracing that check is impossible; a zero ``‖w⁰‖`` then pins the layer
+    at 0 (``u' = -w``), and ``w' = 0`` leaves ``u`` unchanged: no NaN either way.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> w = {"kernel": jnp.array([[3.0, 4.0]])}
+      >>> tx = project_to_initial_norm()
+      >>> u, _ = tx.update({"kernel": jnp.array([[3.0, 4.0]])}, tx.init(w), w)
+      >>> (w["kernel"] + u["kernel"]).tolist()
+      [[3.0, 4.0]]
+    """
+    layering = Layering(is_layer, layer_axis, per_unit)
+
+    def init_fn(params):
+        return InitialNormState(initial_layer_norms(params, layering, "project_to_initial_norm"))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _check_params(updates, params)
+
+        def project(lo, u, w, n0):
+            if not lo.is_layer:
+                return u
+            w32 = w.astype(jnp.float32)
+            new = w32 + u.astype(jnp.float32)
+            n = layer_norm(new, lo)
+            k = jnp.where(n > 0, n0 / jnp.where(n > 0, n, 1.0), 1.0)
+            return (k * new - w32).astype(u.dtype)
+
+        return layering.map(project, updates, params, state.initial_norm), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def cap_norm_increase(
+    max_increase: float = 1e-4,
+    *,
+    is_layer: IsLayer = None,
+    layer_axis: LayerAxis = None,
+    per_unit: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""The papers' LARS safeguard: caps each layer's norm growth per step.
+
+    Acts on the signed update (after ``scale_by_learning_rate``). With ``w' = w + u``:
+
+    .. math::
+      \lVert w' \rVert - \lVert w \rVert > \delta \lVert w^0 \rVert
+      \;\Rightarrow\; w' \leftarrow w' \frac{\lVert w \rVert + \delta \lVert w^0 \rVert}
+      {\lVert w' \rVert}
+
+    with ``δ = max_increase``. Norm decreases are never touched.
+
+    Args:
+      max_increase: ``δ``, allowed growth per step relative to the initial norm (1e-4 in the
+        paper's footnote 7).
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> w = {"kernel": jnp.array([[1.0, 0.0]])}
+      >>> tx = cap_norm_increase(0.1)
+      >>> u, _ = tx.update({"kernel": jnp.array([[1.0, 0.0]])}, tx.init(w), w)
+      >>> np.asarray(w["kernel"] + u["kernel"], float).round(4).tolist()
+      [[1.1, 0.0]]
+
+    References:
+      Carbonnelle & De Vleeschouwer, 2019, App. A.2, footnote 7.
+    """
+    if is_concrete(max_increase) and not float(max_increase) >= 0:
+        raise ValueError(f"`cap_norm_increase(max_increase=...)` must be >= 0; got {max_increase}.")
+    layering = Layering(is_layer, layer_axis, per_unit)
+
+    def init_fn(params):
+        return InitialNormState(initial_layer_norms(params, layering, "cap_norm_increase"))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _check_params(updates, params)
+
+        def cap(lo, u, w, n0):
+            if not lo.is_layer:
+                return u
+            w32 = w.astype(jnp.float32)
+            new = w32 + u.astype(jnp.float32)
+            n, n_new = layer_norm(w32, lo), layer_norm(new, lo)
+            limit = n + max_increase * n0
+            k = jnp.where(n_new > limit, limit / jnp.where(n_new > 0, n_new, 1.0), 1.0)
+            return (k * new - w32).astype(u.dtype)
+
+        return layering.map(cap, updates, params, state.initial_norm), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScaleByLaycaState(NamedTuple):
+    """State of the fused :func:`scale_by_layca`.
+
+    Attributes:
+      count: number of updates so far (int32), for learning-rate and α schedules.
+      initial_norm: ‖w⁰‖ per layer (float32, reduced axes kept).
+      layer_depth: layer index per leaf (int32, -1 for non-layers).
+      num_layers: ``L`` (int32).
+    """
+
+    count: jax.Array
+    initial_norm: Any
+    layer_depth: Any
+    num_layers: jax.Array
+
+
+NON_LAYER_POLICIES = ("base", "freeze")
+
+
+def check_non_layer(non_layer: str, where: str) -> None:
+    if non_layer not in NON_LAYER_POLICIES:
+        raise ValueError(f"`{where}(non_layer=...)` must be one of {NON_LAYER_POLICIES}; got {non_layer!r}.")
+
+
+def scale_by_layca(
+    learning_rate: ScalarOrSchedule,
+    alpha: ScalarOrSchedule = 0.0,
+    layer_order: LayerOrder = None,
+    *,
+    non_layer: str = "base",
+    is_layer: IsLayer = None,
+    layer_axis: LayerAxis = None,
+    per_unit: bool = False,
+    parallel_tol: float = DEFAULT_PARALLEL_TOL,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Layca ops 1–4 and Eq. 1 fused: one reduction pass per layer.
+
+    Takes a step direction ``s`` in optax's gradient convention (the raw gradient, or the
+    output of e.g. ``optax.scale_by_adam()``) and returns the signed update. Per layer, from
+    ``a = w·w``, ``b = s·w``, ``c = s·s`` (one pass), ``ρ = m_l(α) η(t)``:
+
+    .. math::
+      \begin{align*}
+        \lVert s_\perp \rVert^2 &= \max(c - b^2/a, 0), \qquad
+        \hat s = (s - \tfrac{b}{a} w)\,\frac{\sqrt a}{\lVert s_\perp \rVert} \\
+        k &= \frac{\lVert w^0 \rVert}{\sqrt{a}\sqrt{1 + \rho^2}}, \qquad
+        u = (k - 1)\, w - k \rho \hat s
+      \end{align*}
+
+    since after ops 1–3 the new norm is exactly ``√(a(1+ρ²))``. This equals the chain
+    ``project_orthogonal, scale_to_weight_norm, scale_by_layer_multipliers,
+    scale_by_learning_rate, project_to_initial_norm`` to float tolerance, reading each tensor
+    twice. Each layer rotates by exactly ``arctan(ρ_l(t))`` per step and keeps ``‖w⁰‖``.
+
+    Non-layer leaves (biases, norm scales) follow ``non_layer``: ``"base"`` updates them with
+    ``-η(t) s`` (the base optimizer with the plain learning rate); ``"freeze"`` gives 0.
+
+    Args:
+      learning_rate: ``η(t)``, the rotation per step of a multiplier-1 layer is
+        ``arctan(η(t))``; a float or an optax schedule.
+      alpha: Eq. 1 prioritisation in ``[-1, 1]`` (or a schedule).
+      layer_order: forward order of layer paths (None: natural sort).
+      non_layer: ``"base"`` or ``"freeze"``.
+      is_layer, layer_axis, per_unit: see :func:`project_orthogonal`.
+      parallel_tol: relative threshold for a step parallel to ``w`` (projected to 0).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (needs ``params``).
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> w = {"kernel": jnp.array([[1.0, 0.0]])}
+      >>> tx = scale_by_layca(learning_rate=1.0)
+      >>> u, _ = tx.update({"kernel": jnp.array([[0.0, -5.0]])}, tx.init(w), w)
+      >>> np.asarray(w["kernel"] + u["kernel"], float).round(4).tolist()  # 45 degrees, norm kept
+      [[0.7071, 0.7071]]
+    """
+    check_alpha(alpha, "scale_by_layca(alpha=...)")
+    check_non_layer(non_layer, "scale_by_layca")
+    layering = Layering(is_layer, layer_axis, per_unit)
+
+    def init_fn(params):
+        depth, num_layers = layer_depths(params, layering, layer_order)
+        return ScaleByLaycaState(
+            count=jnp.zeros((), jnp.int32),
+            initial_norm=initial_layer_norms(params, layering, "scale_by_layca"),
+            layer_depth=depth,
+            num_layers=jnp.asarray(num_layers, jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _check_params(updates, params)
+        lr = value_at(learning_rate, state.count).astype(jnp.float32)
+        a_t = value_at(alpha, state.count)
+
+        def fused(lo, s, w, n0, depth):
+            if not lo.is_layer:
+                if non_layer == "freeze":
+                    return jnp.zeros_like(s)
+                return (-lr * s.astype(jnp.float32)).astype(s.dtype)
+            w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
+            a, b, c = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo), layer_dot(s32, s32, lo)
+            has_norm = a > 0
+            a_safe = jnp.where(has_norm, a, 1.0)
+            proj2 = jnp.maximum(c - b * b / a_safe, 0.0)
+            moves = has_norm & (proj2 > parallel_tol**2 * c)
+            root_a = jnp.sqrt(a_safe)
+            # ŝ = (s - (b/a) w) · inv, with ‖ŝ‖ = ‖w‖.
+            inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
+            rho = lr * multiplier_at_depth(a_t, depth, state.num_layers)
+            rho = jnp.where(moves, rho, 0.0)
+            # k - 1 via expm1 keeps the tiny radial correction accurate for small ρ.
+            log_k = jnp.log(jnp.where(n0 > 0, n0, 1.0)) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
+            k_minus_1 = jnp.where(n0 > 0, jnp.expm1(log_k), -1.0)
+            k = k_minus_1 + 1.0
+            coef_w = jnp.where(has_norm, k_minus_1 + k * rho * inv * b / a_safe, 0.0)
+            coef_s = jnp.where(has_norm, -k * rho * inv, 0.0)
+            return (coef_w * w32 + coef_s * s32).astype(s.dtype)
+
+        updates = layering.map(fused, updates, params, state.initial_norm, state.layer_depth)
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

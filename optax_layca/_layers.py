@@ -1,0 +1,383 @@
+"""What a *layer* is: discovery, paths, forward order and per-layer reductions.
+
+A layer is one multiplicative weight tensor (the kernel of a Dense/Conv/Embed/attention
+projection), flattened. Everything here is static: it looks at key paths, shapes and dtypes,
+never at values, so it runs at trace time and never causes a retrace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._custom_types import IsLayer, LayerAxis, LayerOrder
+
+LAYER_NAMES = ("kernel", "embedding", "w")
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Turns a JAX key path into ``"Dense_0/kernel"`` form.
+
+    flax.nnx ``Variable`` leaves flatten under a trailing ``GetAttrKey('value')`` when
+    ``tx.init`` sees them but not when ``tx.update`` does (``nnx.Optimizer`` passes pure
+    arrays then), so that key is dropped: one path names the same leaf in both calls.
+
+    Examples:
+      >>> import jax
+      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      ...     {"Dense_0": {"kernel": 1, "bias": 2}, "scan": [3]})[0]]
+      ['Dense_0/bias', 'Dense_0/kernel', 'scan/0']
+    """
+    path = tuple(path)
+    if path and isinstance(path[-1], jtu.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def default_is_layer(path: str, leaf: Any) -> bool:
+    """Default layer predicate: a leaf named kernel/embedding/w, or any leaf with ndim >= 2.
+
+    Biases, norm scales and other 0-d/1-d leaves are *non-layer* leaves.
+    """
+    name = path.rsplit("/", 1)[-1]
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        return False
+    return name in LAYER_NAMES or np.ndim(leaf) >= 2
+
+
+def natural_key(path: str) -> tuple:
+    """Sort key ordering digit runs by value: ``Dense_2`` before ``Dense_10``.
+
+    ``jax.tree`` orders dict keys as strings, which puts ``Dense_10`` between ``Dense_1`` and
+    ``Dense_2``. Flax numbers auto-named submodules in creation order, which for sequential
+    models is the forward order, so the natural sort is a sound fallback when no forward
+    order is known.
+    """
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.split(r"(\d+)", path)
+        if part
+    )
+
+
+def natural_order(paths: Iterable[str]) -> tuple[str, ...]:
+    """Paths sorted with :func:`natural_key`.
+
+    Examples:
+      >>> natural_order(["Dense_10/kernel", "Dense_2/kernel", "Dense_1/kernel"])
+      ('Dense_1/kernel', 'Dense_2/kernel', 'Dense_10/kernel')
+    """
+    return tuple(sorted(paths, key=natural_key))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """How one leaf is seen by the per-layer transforms (static, computed at trace time).
+
+    Attributes:
+      path: the leaf's ``"a/b/c"`` path.
+      is_layer: whether the leaf is a multiplicative weight (else a non-layer leaf).
+      stack_axis: axis along which the leaf stacks several layers (``nn.scan``), or None.
+      reduce_axes: axes summed over to get one number per layer (or per unit).
+    """
+
+    path: str
+    is_layer: bool
+    stack_axis: int | None
+    reduce_axes: tuple[int, ...]
+
+    def num_stacked(self, shape: Sequence[int]) -> int:
+        if not self.is_layer:
+            return 0
+        return 1 if self.stack_axis is None else int(shape[self.stack_axis])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layering:
+    """Static description of which leaves are layers and how each is reduced.
+
+    Args:
+      is_layer: ``callable(path, leaf) -> bool``, or a sequence of layer paths, or None for
+        :func:`default_is_layer`.
+      layer_axis: for leaves that stack several layers (``nn.scan``/``nnx.vmap``), the axis
+        indexing them: an int for every layer leaf, a ``{path: axis}`` mapping, or
+        ``callable(path, leaf) -> int | None``. None: every layer leaf is one layer.
+      per_unit: if True, each output unit (slice along the last axis, Flax kernel layout) is
+        its own "layer" for the norm and rotation operations (as in Nero); the depth index
+        used by the α multipliers stays that of the whole leaf.
+    """
+
+    is_layer: IsLayer = None
+    layer_axis: LayerAxis = None
+    per_unit: bool = False
+
+    def __post_init__(self):
+        if self.is_layer is not None and not callable(self.is_layer):
+            if isinstance(self.is_layer, str) or not isinstance(self.is_layer, Iterable):
+                raise TypeError(
+                    "`is_layer` must be callable(path, leaf) -> bool or a sequence of layer "
+                    f"paths; got {self.is_layer!r}."
+                )
+            object.__setattr__(self, "is_layer", tuple(self.is_layer))
+        if isinstance(self.layer_axis, Mapping):
+            object.__setattr__(self, "layer_axis", tuple(sorted(self.layer_axis.items())))
+        if not isinstance(self.per_unit, bool):
+            raise TypeError(f"`per_unit` must be a bool; got {self.per_unit!r}.")
+
+    def _is_layer(self, path: str, leaf: Any) -> bool:
+        if self.is_layer is None:
+            return default_is_layer(path, leaf)
+        if callable(self.is_layer):
+            return bool(self.is_layer(path, leaf))
+        return path in self.is_layer
+
+    def _stack_axis(self, path: str, leaf: Any) -> int | None:
+        spec = self.layer_axis
+        if spec is None:
+            return None
+        if isinstance(spec, tuple):
+            axis = dict(spec).get(path)
+        elif callable(spec):
+            axis = spec(path, leaf)
+        else:
+            axis = spec
+        if axis is None:
+            return None
+        ndim = np.ndim(leaf)
+        if not -ndim <= int(axis) < ndim:
+            raise ValueError(f"`layer_axis={axis}` is out of range for leaf {path!r} of ndim {ndim}.")
+        return int(axis) % ndim
+
+    def layout(self, path: str, leaf: Any) -> LeafLayout:
+        if not self._is_layer(path, leaf):
+            return LeafLayout(path, False, None, ())
+        ndim = np.ndim(leaf)
+        stack = self._stack_axis(path, leaf)
+        keep = {stack} if stack is not None else set()
+        if self.per_unit and ndim - len(keep) >= 2:
+            keep.add(ndim - 1)
+        reduce = tuple(a for a in range(ndim) if a not in keep)
+        return LeafLayout(path, True, stack, reduce)
+
+    def layouts(self, tree: Any) -> list[LeafLayout]:
+        """Layouts of every leaf of ``tree``, in ``jax.tree`` order."""
+        return [self.layout(path_str(p), x) for p, x in jtu.tree_flatten_with_path(tree)[0]]
+
+    def map(self, fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+        """``jax.tree.map`` calling ``fn(layout, leaf, *rest_leaves)``."""
+        return jtu.tree_map_with_path(
+            lambda p, x, *r: fn(self.layout(path_str(p), x), x, *r), tree, *rest
+        )
+
+    def layer_paths(self, tree: Any) -> tuple[str, ...]:
+        """Paths of the layer leaves of ``tree``, in ``jax.tree`` order."""
+        return tuple(lo.path for lo in self.layouts(tree) if lo.is_layer)
+
+
+def layer_paths(params: Any, is_layer: IsLayer = None) -> tuple[str, ...]:
+    """Paths of the layer leaves of ``params`` in ``jax.tree`` order.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> layer_paths({"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}})
+      ('Dense_0/kernel',)
+    """
+    return Layering(is_layer).layer_paths(params)
+
+
+def check_same_structure(tree: Any, reference: Any, name: str, ref_name: str = "params") -> None:
+    """Raises a ValueError naming the first differing leaf when two trees differ."""
+    s1, s2 = jax.tree.structure(tree), jax.tree.structure(reference)
+    if s1 == s2:
+        return
+    p1 = {path_str(p) for p, _ in jtu.tree_flatten_with_path(tree)[0]}
+    p2 = {path_str(p) for p, _ in jtu.tree_flatten_with_path(reference)[0]}
+    detail = ""
+    if p1 - p2:
+        detail += f" `{name}` has leaves missing from `{ref_name}`: {sorted(p1 - p2)[:5]}."
+    if p2 - p1:
+        detail += f" `{ref_name}` has leaves missing from `{name}`: {sorted(p2 - p1)[:5]}."
+    raise ValueError(
+        f"`{name}` and `{ref_name}` must have the same tree structure.{detail or ' ' + str(s1)}"
+    )
+
+
+def resolve_layer_order(
+    params: Any, layering: Layering, layer_order: LayerOrder = None
+) -> tuple[str, ...]:
+    """Validated forward order of the layer leaves of ``params``.
+
+    With ``layer_order=None`` the natural sort of the paths is used (see :func:`natural_key`).
+    A given order must name every layer leaf exactly once, and nothing else.
+    """
+    paths = layering.layer_paths(params)
+    if not paths:
+        raise ValueError(
+            "No layer found in params: no leaf matches `is_layer` (default: leaves named "
+            f"{'/'.join(LAYER_NAMES)} or with ndim >= 2). Pass `is_layer=` to choose them."
+        )
+    if layer_order is None:
+        return natural_order(paths)
+    if isinstance(layer_order, str) or not isinstance(layer_order, Iterable):
+        raise TypeError(f"`layer_order` must be a sequence of layer paths; got {layer_order!r}.")
+    order = tuple(layer_order)
+    known = set(paths)
+    unknown = [p for p in order if p not in known]
+    if unknown:
+        raise ValueError(
+            f"`layer_order` names paths that are not layers of params: {unknown}. "
+            f"Layers are: {list(natural_order(paths))}."
+        )
+    dup = sorted({p for p in order if order.count(p) > 1})
+    if dup:
+        raise ValueError(f"`layer_order` names these layers more than once: {dup}.")
+    missing = [p for p in natural_order(paths) if p not in set(order)]
+    if missing:
+        raise ValueError(f"`layer_order` is missing these layers of params: {missing}.")
+    return order
+
+
+def layer_depths(params: Any, layering: Layering, layer_order: LayerOrder = None):
+    """Depth index ``l`` (0 = first layer) of every leaf, and the number of layers ``L``.
+
+    Returns ``(depth, L)``: ``depth`` is a pytree like ``params`` of int32 arrays that
+    broadcast against their leaf (-1 for non-layer leaves; a vector along the stack axis for
+    stacked layers, whose slices take consecutive depths).
+    """
+    order = resolve_layer_order(params, layering, layer_order)
+    shapes = {lo.path: (lo, np.shape(x)) for lo, x in zip(
+        layering.layouts(params), jax.tree.leaves(params))}
+    start, total = {}, 0
+    for path in order:
+        lo, shape = shapes[path]
+        start[path] = total
+        total += lo.num_stacked(shape)
+
+    def depth(lo: LeafLayout, x):
+        if not lo.is_layer:
+            return jnp.asarray(-1, jnp.int32)
+        if lo.stack_axis is None:
+            return jnp.asarray(start[lo.path], jnp.int32)
+        n = np.shape(x)[lo.stack_axis]
+        shape = [1] * np.ndim(x)
+        shape[lo.stack_axis] = n
+        return jnp.arange(start[lo.path], start[lo.path] + n, dtype=jnp.int32).reshape(shape)
+
+    return layering.map(depth, params), total
+
+
+# ----------------------------------------------------------------------------- forward order
+
+
+def _sub_jaxprs(eqn) -> list[tuple[Any, list[Any]]]:
+    """(sub-jaxpr, the eqn inputs bound to its invars) for every sub-jaxpr of ``eqn``."""
+    out = []
+    prim = eqn.primitive.name
+    for key, value in eqn.params.items():
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for sub in values:
+            jaxpr = getattr(sub, "jaxpr", sub)
+            if not hasattr(jaxpr, "eqns") or not hasattr(jaxpr, "invars"):
+                continue
+            n = len(jaxpr.invars)
+            ins = list(eqn.invars)
+            if prim == "cond":
+                ins = ins[1:]
+            elif prim == "while":
+                nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+                carry = ins[nc + nb:]
+                ins = ins[:nc] + carry if key == "cond_jaxpr" else ins[nc:nc + nb] + carry
+            if len(ins) != n:
+                # Unknown binding (e.g. a custom rule's extra residuals): align from the end,
+                # which matches the primal inputs of custom_jvp/custom_vjp calls.
+                ins = ins[-n:] if len(ins) >= n else [None] * (n - len(ins)) + ins
+            out.append((jaxpr, ins))
+    return out
+
+
+def _first_uses(jaxpr, env: dict, order: list, seen: set) -> None:
+    """Walks eqns in program order, recording the first eqn that reads each param leaf."""
+    for eqn in jaxpr.eqns:
+        subs = _sub_jaxprs(eqn)
+        if subs:
+            for sub, ins in subs:
+                inner = {}
+                for var, outer in zip(sub.invars, ins):
+                    leaf = env.get(outer) if outer is not None and not _is_literal(outer) else None
+                    if leaf is not None:
+                        inner[var] = leaf
+                _first_uses(sub, inner, order, seen)
+        for var in eqn.invars:
+            if _is_literal(var):
+                continue
+            leaf = env.get(var)
+            if leaf is not None and leaf not in seen:
+                seen.add(leaf)
+                order.append(leaf)
+
+
+def _is_literal(var) -> bool:
+    return isinstance(var, jax.extend.core.Literal) if hasattr(jax, "extend") else False
+
+
+def forward_order(
+    apply_fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    is_layer: IsLayer = None,
+    **kwargs: Any,
+) -> tuple[str, ...]:
+    """Layer paths in forward (input → output) order, from the traced computation.
+
+    Traces ``apply_fn(params, *args, **kwargs)`` to a jaxpr (no FLOPs are spent) and orders
+    the layer leaves by the first equation that reads them, recursing into the sub-jaxprs of
+    ``scan``, ``while``, ``cond``, ``remat``, ``pjit`` and custom derivative rules. Layers that
+    the function never reads are appended at the end in natural order.
+
+    Args:
+      apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. ``lambda p, x: model.apply({"params":
+        p}, x)`` for Flax linen, or ``lambda s, x: nnx.merge(graphdef, s)(x)`` for nnx.
+      params: the parameter pytree whose layers are ordered.
+      *args: example inputs (only shapes and dtypes matter).
+      is_layer: layer predicate or list of paths (default :func:`default_is_layer`).
+      **kwargs: passed to ``apply_fn``.
+
+    Returns:
+      A tuple of layer paths, ready for ``layer_order=``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {f"Dense_{i}": {"kernel": jnp.ones((2, 2))} for i in (10, 2, 7)}
+      >>> apply = lambda p, x: x @ p["Dense_7"]["kernel"] @ p["Dense_2"]["kernel"] @ p["Dense_10"]["kernel"]
+      >>> forward_order(apply, params, jnp.ones((1, 2)))
+      ('Dense_7/kernel', 'Dense_2/kernel', 'Dense_10/kernel')
+    """
+    layering = Layering(is_layer)
+    leaves_with_paths = jtu.tree_flatten_with_path(params)[0]
+    paths = [path_str(p) for p, _ in leaves_with_paths]
+    closed = jax.make_jaxpr(lambda p: apply_fn(p, *args, **kwargs))(params)
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.invars, paths))
+    order: list[str] = []
+    _first_uses(jaxpr, env, order, set())
+    layers = set(layering.layer_paths(params))
+    if not layers:
+        raise ValueError("`forward_order`: no layer found in params (check `is_layer`).")
+    ordered = [p for p in order if p in layers]
+    unused = natural_order(layers - set(ordered))
+    return tuple(ordered) + unused
