@@ -21,3 +21,5 @@ from ._optimizers import layca as layca
 from ._optimizers import sgd_amom as sgd_amom
 
 __version__ = "0.1.0"
+
+# --- rotation monitoring, AdaptCopy (issue 4) ---

@@ -3,3 +3,6 @@
 Every function takes the measurement it needs (a live object or a loaded file), accepts
 ``ax=`` and returns a ``matplotlib.figure.Figure``; none calls ``plt.show()``.
 """
+
+from ._lca import *  # noqa: F403  (each module lists its figures in __all__)
+from ._rotation import *  # noqa: F403

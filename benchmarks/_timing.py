@@ -1,0 +1,68 @@
+"""Shared timing helpers for the benchmarks: interleaved repeats, medians, JSON + Markdown out.
+
+This machine is noisy, so every benchmark times its candidates *side by side in one process*,
+interleaving them round by round, and reports ratios of medians.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def block(x):
+    return jax.block_until_ready(x)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2):
+    """Median wall time (s) of each zero-argument callable, timed round-robin.
+
+    Each callable must return its device result (it is blocked on). Warm-up calls compile.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            block(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            block(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def environment() -> dict:
+    dev = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "num_devices": jax.device_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def write_results(name: str, payload: dict, table_rows: list[list[str]], header: list[str],
+                  title: str, notes: str = "") -> Path:
+    """Writes ``results/<name>.json`` and ``results/<name>.md``; returns the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment(), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    lines = [f"# {title}", "", f"Environment: `{json.dumps(payload['environment'])}`", ""]
+    if notes:
+        lines += [notes, ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table_rows]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,3 @@
+"""Loss Change Allocation figures (issue 5)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Layer-rotation figures (issue 4)."""
+
+__all__: list[str] = []
