@@ -264,6 +264,35 @@ def cap_norm_increase(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def layca_layer_update(
+    lo: LeafLayout, s: jax.Array, w: jax.Array, n0: jax.Array, rho: jax.Array, parallel_tol: float
+) -> jax.Array:
+    """Fused Layca ops 1–4 for one layer leaf at per-layer rate ``rho`` (see :func:`scale_by_layca`).
+
+    ``rho`` broadcasts against the leaf's per-layer reductions (reduced axes kept), so it may be
+    a scalar or hold one rate per stacked layer/unit. Shared by :func:`scale_by_layca` and
+    ``adapt_copy``.
+    """
+    w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
+    a, b, c = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo), layer_dot(s32, s32, lo)
+    has_norm = a > 0
+    a_safe = jnp.where(has_norm, a, 1.0)
+    # b * (b / a), not b² / a: b² overflows float32 for |w|, |s| ~ 1e10 and above.
+    proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
+    moves = has_norm & (proj2 > parallel_tol**2 * c)
+    root_a = jnp.sqrt(a_safe)
+    # ŝ = (s - (b/a) w) · inv, with ‖ŝ‖ = ‖w‖.
+    inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
+    rho = jnp.where(moves, rho, 0.0)
+    # k - 1 via expm1 keeps the tiny radial correction accurate for small ρ.
+    log_k = jnp.log(jnp.where(n0 > 0, n0, 1.0)) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
+    k_minus_1 = jnp.where(n0 > 0, jnp.expm1(log_k), -1.0)
+    k = k_minus_1 + 1.0
+    coef_w = jnp.where(has_norm, k_minus_1 + k * rho * inv * (b / a_safe), 0.0)
+    coef_s = jnp.where(has_norm, -k * rho * inv, 0.0)
+    return (coef_w * w32 + coef_s * s32).astype(s.dtype)
+
+
 class ScaleByLaycaState(NamedTuple):
     """State of the fused :func:`scale_by_layca`.
 
@@ -365,24 +394,8 @@ def scale_by_layca(
                 if non_layer == "freeze":
                     return jnp.zeros_like(s)
                 return (-lr * s.astype(jnp.float32)).astype(s.dtype)
-            w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
-            a, b, c = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo), layer_dot(s32, s32, lo)
-            has_norm = a > 0
-            a_safe = jnp.where(has_norm, a, 1.0)
-            proj2 = jnp.maximum(c - b * b / a_safe, 0.0)
-            moves = has_norm & (proj2 > parallel_tol**2 * c)
-            root_a = jnp.sqrt(a_safe)
-            # ŝ = (s - (b/a) w) · inv, with ‖ŝ‖ = ‖w‖.
-            inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
             rho = lr * multiplier_at_depth(a_t, depth, state.num_layers)
-            rho = jnp.where(moves, rho, 0.0)
-            # k - 1 via expm1 keeps the tiny radial correction accurate for small ρ.
-            log_k = jnp.log(jnp.where(n0 > 0, n0, 1.0)) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
-            k_minus_1 = jnp.where(n0 > 0, jnp.expm1(log_k), -1.0)
-            k = k_minus_1 + 1.0
-            coef_w = jnp.where(has_norm, k_minus_1 + k * rho * inv * b / a_safe, 0.0)
-            coef_s = jnp.where(has_norm, -k * rho * inv, 0.0)
-            return (coef_w * w32 + coef_s * s32).astype(s.dtype)
+            return layca_layer_update(lo, s, w, n0, rho, parallel_tol)
 
         updates = layering.map(fused, updates, params, state.initial_norm, state.layer_depth)
         return updates, state._replace(count=optax.safe_increment(state.count))

@@ -1,0 +1,244 @@
+"""Test helpers: tree asserts, a numpy MLP, and slow numpy transcriptions of the papers' maths.
+
+Everything below is written from the paper (seed 000: Algorithm 1, Eq. 1, App. A.2) in float64
+numpy, one layer at a time, without importing ``optax_layca``: it is the independent reference
+the library is checked against.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+# ----------------------------------------------------------------------------- tree asserts
+
+
+def keystr(path) -> str:
+    """``"Dense_0/kernel"`` from a key path (own spelling, not the library's)."""
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+    return "/".join(out)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """``{path: float64 array}`` of a pytree."""
+    return {keystr(p): np.asarray(x, np.float64) for p, x in jtu.tree_flatten_with_path(tree)[0]}
+
+
+def assert_trees_close(actual, expected, rtol=1e-6, atol=0.0, err=""):
+    """Leaf-wise ``np.testing.assert_allclose`` naming the leaf; structures must match."""
+    a, e = flat(actual), flat(expected)
+    assert a.keys() == e.keys(), f"{err} structures differ: {sorted(a)} vs {sorted(e)}"
+    for k in a:
+        np.testing.assert_allclose(a[k], e[k], rtol=rtol, atol=atol, err_msg=f"{err} leaf {k}")
+
+
+def assert_trees_close_rel(actual, expected, tol=1e-6, err=""):
+    """Per leaf ``‖a − e‖ ≤ tol · max(‖e‖, tiny)``: a relative error on the whole leaf."""
+    a, e = flat(actual), flat(expected)
+    assert a.keys() == e.keys(), f"{err} structures differ: {sorted(a)} vs {sorted(e)}"
+    for k in a:
+        d = np.linalg.norm(a[k] - e[k])
+        scale = max(np.linalg.norm(e[k]), 1e-30)
+        assert d <= tol * scale, f"{err} leaf {k}: relative error {d / scale:.3g} > {tol}"
+
+
+def assert_tree_finite(tree, err=""):
+    for k, v in flat(tree).items():
+        assert np.all(np.isfinite(v)), f"{err} leaf {k} is not finite"
+
+
+def assert_tree_dtypes(tree, dtype):
+    for p, x in jtu.tree_flatten_with_path(tree)[0]:
+        assert x.dtype == dtype, f"leaf {keystr(p)} has dtype {x.dtype}, expected {dtype}"
+
+
+def angle(u: np.ndarray, v: np.ndarray) -> float:
+    """Angle between two tensors with atan2 (exact for tiny angles), float64."""
+    u, v = np.ravel(u).astype(np.float64), np.ravel(v).astype(np.float64)
+    dot = u @ v
+    perp = v - (dot / (u @ u)) * u
+    return float(np.arctan2(np.linalg.norm(perp) * np.linalg.norm(u), dot))
+
+
+def natural(paths):
+    """Own natural sort for the tests (digit runs by value)."""
+    key = lambda s: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
+    return sorted(paths, key=key)
+
+
+# ----------------------------------------------------------------------------- numpy MLP
+
+
+def init_mlp(sizes, seed=0, dtype=np.float32):
+    """Params ``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}`` (Flax layout)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+        params[f"Dense_{i}"] = {
+            "kernel": (rng.standard_normal((m, n)) / np.sqrt(m)).astype(dtype),
+            "bias": (0.1 * rng.standard_normal(n)).astype(dtype),
+        }
+    return params
+
+
+def mlp_data(sizes, n=32, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    y = rng.standard_normal((n, sizes[-1])).astype(np.float32)
+    return x, y
+
+
+def mlp_loss_np(params, x, y):
+    """Tanh MLP, mean squared error (float64)."""
+    h = np.asarray(x, np.float64)
+    n = len(params)
+    for i in range(n):
+        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+        if i < n - 1:
+            h = np.tanh(h)
+    return 0.5 * np.mean(np.sum((h - y) ** 2, axis=1))
+
+
+def mlp_grad_np(params, x, y):
+    """Hand-written backprop of :func:`mlp_loss_np` (float64)."""
+    n = len(params)
+    hs = [np.asarray(x, np.float64)]
+    for i in range(n):
+        z = hs[-1] @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+        hs.append(np.tanh(z) if i < n - 1 else z)
+    delta = (hs[-1] - y) / x.shape[0]
+    grads = {}
+    for i in reversed(range(n)):
+        grads[f"Dense_{i}"] = {"kernel": hs[i].T @ delta, "bias": delta.sum(0)}
+        if i:
+            delta = (delta @ params[f"Dense_{i}"]["kernel"].T) * (1.0 - hs[i] ** 2)
+    return grads
+
+
+def mlp_loss_jax(params, x, y):
+    import jax.numpy as jnp
+
+    h = x
+    n = len(params)
+    for i in range(n):
+        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+        if i < n - 1:
+            h = jnp.tanh(h)
+    return 0.5 * jnp.mean(jnp.sum((h - y) ** 2, axis=1))
+
+
+# ----------------------------------------------------------------------------- Eq. 1
+
+
+def eq1_multiplier(alpha: float, l: int, L: int) -> float:
+    """Seed 000, Eq. 1, written out (L = 1: multiplier 1)."""
+    if L == 1:
+        return 1.0
+    if alpha > 0:
+        return (1.0 - alpha) ** (5.0 * (L - 1 - l) / (L - 1))
+    return (1.0 + alpha) ** (5.0 * l / (L - 1))
+
+
+# ----------------------------------------------------------------------------- base directions
+
+
+class NumpySGD:
+    """The raw gradient as the step direction."""
+
+    def __call__(self, grads):
+        return grads
+
+
+class NumpyAdam:
+    """Adam's step direction (optax ``scale_by_adam`` defaults: b1=.9, b2=.999, eps=1e-8)."""
+
+    def __init__(self, b1=0.9, b2=0.999, eps=1e-8):
+        self.b1, self.b2, self.eps = b1, b2, eps
+        self.m = self.v = None
+        self.t = 0
+
+    def __call__(self, grads):
+        self.t += 1
+        if self.m is None:
+            self.m = {k: {n: np.zeros_like(g) for n, g in d.items()} for k, d in grads.items()}
+            self.v = {k: {n: np.zeros_like(g) for n, g in d.items()} for k, d in grads.items()}
+        out = {}
+        for k, d in grads.items():
+            out[k] = {}
+            for n, g in d.items():
+                self.m[k][n] = self.b1 * self.m[k][n] + (1 - self.b1) * g
+                self.v[k][n] = self.b2 * self.v[k][n] + (1 - self.b2) * g * g
+                mh = self.m[k][n] / (1 - self.b1**self.t)
+                vh = self.v[k][n] / (1 - self.b2**self.t)
+                out[k][n] = mh / (np.sqrt(vh) + self.eps)
+        return out
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+
+
+def layca_step_np(w, s, w0_norm, rho):
+    """One Layca step of one layer (seed 000, Algorithm 1), float64.
+
+    ``s`` is the optimizer's step in gradient convention (the update is ``-rho * s``).
+    """
+    w = np.asarray(w, np.float64)
+    s = np.asarray(s, np.float64)
+    s = s - (np.vdot(s, w) / np.vdot(w, w)) * w  # 1: project onto the tangent space
+    s = s * np.linalg.norm(w) / np.linalg.norm(s)  # 2: rotation-based normalisation
+    w = w - rho * s  # 3: step
+    return w * w0_norm / np.linalg.norm(w)  # 4: back onto the initial sphere
+
+
+def lars_step_np(w, s, w0_norm, rho, max_increase=1e-4):
+    """One step of the authors' LARS variant (App. A.2 + footnote 7), float64."""
+    w = np.asarray(w, np.float64)
+    s = np.asarray(s, np.float64)
+    s = s * np.linalg.norm(w) / np.linalg.norm(s)
+    new = w - rho * s
+    limit = np.linalg.norm(w) + max_increase * w0_norm
+    if np.linalg.norm(new) - np.linalg.norm(w) > max_increase * w0_norm:
+        new = new * limit / np.linalg.norm(new)
+    return new
+
+
+def reference_run(params, grad_fn, steps, lr, alpha=0.0, direction="sgd", variant="layca",
+                  non_layer="base", lr_at=None):
+    """Runs ``steps`` steps of Layca (or the LARS variant) on an MLP-shaped params dict.
+
+    Layers are the kernels ``Dense_i/kernel`` in index order; biases follow ``non_layer``
+    (``"base"``: ``w -= lr * s``; ``"freeze"``: unchanged). Returns the list of params after
+    every step (float64), the first entry being the initial params.
+    """
+    p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+    names = sorted(p, key=lambda k: int(k.split("_")[1]))
+    L = len(names)
+    w0 = {k: np.linalg.norm(p[k]["kernel"]) for k in names}
+    opt = NumpyAdam() if direction == "adam" else NumpySGD()
+    history = [p]
+    for t in range(steps):
+        eta = lr if lr_at is None else lr_at(t)
+        g = grad_fn(p)
+        s = opt(g)
+        new = {}
+        for l, k in enumerate(names):
+            rho = eq1_multiplier(alpha, l, L) * eta
+            step = layca_step_np if variant == "layca" else lars_step_np
+            kernel = step(p[k]["kernel"], s[k]["kernel"], w0[k], rho)
+            bias = p[k]["bias"] - eta * s[k]["bias"] if non_layer == "base" else p[k]["bias"]
+            new[k] = {"kernel": kernel, "bias": bias}
+        p = new
+        history.append(p)
+    return history
+
+
+def to_jax(params):
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
