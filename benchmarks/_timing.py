@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import os
+
 import jax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Quick (CI smoke) runs write elsewhere so they never overwrite the committed full results.
+RESULTS = Path(os.environ.get("OPTAX_LAYCA_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def block(x):
