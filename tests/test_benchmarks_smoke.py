@@ -19,5 +19,4 @@ def test_run_all_quick(tmp_path):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["environment"]["jax"], name
         assert (tmp_path / f"{name}.md").read_text().count("|") > 4, name
-        assert name.replace("_", " ") in index.lower() or f"{name}" in index or True
     assert index.startswith("# Benchmark results")
