@@ -1,0 +1,120 @@
+"""LCA integration maths: closed forms for quadratic, cubic, quintic and linear-regression losses."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_layca import lca
+
+
+def _linreg(n=64, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ rng.normal(size=d) + 0.1 * rng.normal(size=n)).astype(np.float32)
+    return x, y
+
+
+def _linreg_loss(p, batch):
+    x, y = batch
+    return 0.5 * (x @ p["w"] + p["b"] - y) ** 2
+
+
+def test_simpson_weights():
+    for n in (1, 2, 4, 8):
+        w = lca.simpson_weights(n)
+        np.testing.assert_allclose(w.sum(), 1.0)
+        np.testing.assert_allclose(w * 6 * n, [1] + [4, 2] * (n - 1) + [4, 1])
+    with pytest.raises(ValueError, match="num_panels"):
+        lca.simpson_weights(0)
+
+
+def test_linear_regression_per_param_closed_form():
+    """Known GD trajectory of least squares: A_i = Δθ_i (∇L(θ_t) + ∇L(θ_{t+1}))_i / 2 exactly."""
+    x, y = _linreg()
+    n = len(y)
+    xa = np.concatenate([x, np.ones((n, 1), np.float32)], 1).astype(np.float64)
+    hess = xa.T @ xa / n
+    lin = xa.T @ y.astype(np.float64) / n
+    grad = lambda th: hess @ th - lin
+    loss = lambda th: 0.5 * np.mean((xa @ th - y) ** 2)
+    theta = np.zeros(6)
+    traj = [theta]
+    for _ in range(4):  # closed-form trajectory of full-batch GD, lr 0.3
+        theta = theta - 0.3 * grad(theta)
+        traj.append(theta)
+    to_p = lambda th: {"w": jnp.asarray(th[:5], jnp.float32), "b": jnp.asarray(th[5], jnp.float32)}
+    for t in range(4):
+        t0, t1 = (np.asarray(np.float32(v), np.float64) for v in (traj[t], traj[t + 1]))
+        r = lca.allocate(_linreg_loss, to_p(t0), to_p(t1), (x, y), batch_size=16)
+        delta = t1 - t0
+        expected = delta * (grad(t0) + grad(t1)) / 2
+        got = np.concatenate([np.asarray(r.per_param["w"]), [float(r.per_param["b"])]])
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(r.per_layer["w"], expected[:5].sum(), rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(r.loss_change, loss(t1) - loss(t0), rtol=1e-4, atol=1e-6)
+        assert r.num_splits == 1 and r.converged
+        # first order: error = −½ Δθᵀ H Δθ exactly (quadratic loss)
+        fo = lca.allocate(_linreg_loss, to_p(t0), to_p(t1), (x, y), method="first_order")
+        np.testing.assert_allclose(fo.error, -0.5 * delta @ hess @ delta, rtol=1e-3, atol=1e-7)
+        np.testing.assert_allclose(
+            np.concatenate([np.asarray(fo.per_param["w"]), [float(fo.per_param["b"])]]),
+            delta * grad(t0),
+            rtol=2e-4,
+            atol=1e-6,
+        )
+
+
+def test_quadratic_rk4_exact():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(4, 4)).astype(np.float32)
+    data = np.ones((10, 1), np.float32)
+    loss = lambda p, b: b[:, 0] * (jnp.sum((a @ p) ** 2) + jnp.sum(p))
+    p0, p1 = (
+        jnp.asarray(rng.normal(size=4), jnp.float32),
+        jnp.asarray(rng.normal(size=4), jnp.float32),
+    )
+    r = lca.allocate(loss, p0, p1, data, tol=1e-6, max_splits=1)
+    assert abs(r.error) < 1e-4 * max(1.0, abs(r.loss_change))
+    h = 2 * a.T @ a
+    d = np.asarray(p1 - p0, np.float64)
+    g0 = h @ np.asarray(p0, np.float64) + 1
+    np.testing.assert_allclose(
+        np.asarray(r.per_param), d * (g0 + 0.5 * h @ d), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_cubic_simpson_exact():
+    """Cubic loss: the integrand is quadratic in s, so Simpson (RK4) is exact with no halving."""
+    data = np.ones((3, 1), np.float32)
+    loss = lambda p, b: b[:, 0] * jnp.sum(p**3 - 2 * p**2)
+    p0, p1 = jnp.array([0.5, -1.0, 2.0]), jnp.array([1.5, 0.5, 1.0])
+    r = lca.allocate(loss, p0, p1, data, tol=1e-5)
+    assert r.num_splits == 1 and r.converged
+    f = lambda v: v**3 - 2 * v**2
+    np.testing.assert_allclose(
+        np.asarray(r.per_param), f(np.asarray(p1)) - f(np.asarray(p0)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_quintic_composite_simpson_halving_matches_closed_form():
+    """L = θ⁵ from 0 to 1: composite Simpson with n panels errs by h⁴/180 · 120, h = 1/(2n)."""
+    data = np.ones((2, 1), np.float32)
+    loss = lambda p, b: b[:, 0] * jnp.sum(p**5)
+    p0, p1 = jnp.zeros(1), jnp.ones(1)
+    for n in (1, 2, 4, 8):
+        r = lca.allocate(loss, p0, p1, data, tol=1e-12, max_splits=n)
+        assert r.num_splits == n and not r.converged
+        h = 1 / (2 * n)
+        np.testing.assert_allclose(r.error, h**4 / 180 * 120, rtol=2e-3)
+    r = lca.allocate(loss, p0, p1, data, tol=1e-3)  # halving stops at n = 4 (err 1.6e-4)
+    assert r.num_splits == 4 and r.converged
+    fo = lca.allocate(loss, p0, p1, data, method="first_order")
+    np.testing.assert_allclose(fo.error, -1.0, atol=1e-6)  # ∇L(0)·Δ = 0, ΔL = 1
+
+
+def test_halving_reuses_points():
+    ev = lca.Evaluator(lambda p, b: b[:, 0] * jnp.sum(p**5), np.ones((2, 1), np.float32))
+    r = lca.allocate(None, jnp.zeros(1), jnp.ones(1), ev, tol=1e-3)
+    assert r.num_splits == 4
+    # start + end + midpoint, then 2 + 4 new points: 2n + 1 = 9 distinct points, none twice
+    assert ev.num_evaluations == 9
