@@ -12,7 +12,7 @@ Measures, interleaved in one process (medians):
   (independent of dataset size).
 
 Usage: ``python benchmarks/lca.py [--quick]``; writes ``benchmarks/results/lca.{json,md}``
-(``lca_quick.{json,md}`` with ``--quick``).
+(with ``--quick``, run it through ``run_all.py --quick``, which writes to a temporary directory).
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def main(argv=None):
         "Table 1: 50-58% helping)."
     )
     path = write_results(
-        "lca_quick" if args.quick else "lca",  # a smoke run never overwrites the full one
+        "lca",  # quick runs go to $OPTAX_LAYCA_BENCH_RESULTS (see _timing.py), never over the full one
         payload,
         rows,
         ["measurement", "seconds", "× value_and_grad"],
