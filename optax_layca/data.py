@@ -71,17 +71,21 @@ class Dataset:
         """Shape of one input sample."""
         return tuple(self.x_train.shape[1:])
 
-    def subset(self, num_train: int | None = None, num_test: int | None = None) -> "Dataset":
+    def subset(self, num_train: int | None = None, num_test: int | None = None) -> Dataset:
         """The first ``num_train`` / ``num_test`` samples (for quick runs)."""
         return dataclasses.replace(
             self,
-            x_train=self.x_train[:num_train], y_train=self.y_train[:num_train],
-            x_test=self.x_test[:num_test], y_test=self.y_test[:num_test],
+            x_train=self.x_train[:num_train],
+            y_train=self.y_train[:num_train],
+            x_test=self.x_test[:num_test],
+            y_test=self.y_test[:num_test],
         )
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
-                f"classes={self.num_classes})")
+        return (
+            f"Dataset({self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
+            f"classes={self.num_classes})"
+        )
 
 
 def split(
@@ -118,7 +122,7 @@ def split(
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
-        test[idx[: int(round(test_fraction * len(idx)))]] = True
+        test[idx[: round(test_fraction * len(idx))]] = True
     return x[~test], y[~test], x[test], y[test]
 
 
@@ -148,7 +152,9 @@ def _digits(seed: int, test_fraction: float):
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise DataError("dataset 'digits' needs scikit-learn: pip install 'optax-layca[demo]'.") from e
+        raise DataError(
+            "dataset 'digits' needs scikit-learn: pip install 'optax-layca[demo]'."
+        ) from e
     d = load_digits()
     x = d.images.astype(np.float32)[..., None]  # (1797, 8, 8, 1), values 0..16
     return split(x, d.target, test_fraction, seed)
@@ -179,7 +185,7 @@ def _npz(path: str):
             arrays = [np.asarray(f[k]) for k in ("x_train", "y_train", "x_test", "y_test")]
     except DataError:
         raise
-    except Exception as e:  # zipfile.BadZipFile, OSError, ValueError (pickled objects), ...
+    except Exception as e:  # noqa: BLE001 - BadZipFile, OSError, ValueError (pickles), ...
         raise DataError(f"cannot read {path} as a .npz dataset: {type(e).__name__}: {e}") from None
     xtr, ytr, xte, yte = arrays
     for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
@@ -192,8 +198,10 @@ def _npz(path: str):
         if not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
             raise DataError(f"{path}: y_{name} must hold non-negative integer labels.")
     if xtr.shape[1:] != xte.shape[1:]:
-        raise DataError(f"{path}: x_train and x_test samples differ in shape: "
-                        f"{xtr.shape[1:]} vs {xte.shape[1:]}.")
+        raise DataError(
+            f"{path}: x_train and x_test samples differ in shape: "
+            f"{xtr.shape[1:]} vs {xte.shape[1:]}."
+        )
     if xtr.ndim == 2:  # (N, D) vectors: one channel, so convolutions see (N, D, 1)
         xtr, xte = xtr[..., None], xte[..., None]
     return xtr, ytr, xte, yte
@@ -282,8 +290,11 @@ def epoch_batches(
     if batch_size <= 0:
         raise DataError(f"`batch_size` must be positive; got {batch_size}.")
     batch_size = min(batch_size, num_samples)
-    order = (np.random.default_rng((seed, epoch)).permutation(num_samples) if shuffle
-             else np.arange(num_samples))
+    order = (
+        np.random.default_rng((seed, epoch)).permutation(num_samples)
+        if shuffle
+        else np.arange(num_samples)
+    )
     nb = -(-num_samples // batch_size)
     idx = np.zeros(nb * batch_size, np.int32)
     idx[:num_samples] = order
@@ -292,7 +303,11 @@ def epoch_batches(
 
 
 def iterate_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0, epoch: int = 0,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
     shuffle: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(x_batch, y_batch)`` for one epoch; the last batch may be shorter (never dropped).

@@ -29,8 +29,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-__all__ = ["MODELS", "FCNet", "MLP", "SmallCNN", "SmallResNet", "apply_fn", "get_model",
-           "init_params"]
+__all__ = [
+    "MLP",
+    "MODELS",
+    "FCNet",
+    "SmallCNN",
+    "SmallResNet",
+    "apply_fn",
+    "get_model",
+    "init_params",
+]
 
 
 class FCNet(nn.Module):
