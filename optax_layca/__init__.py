@@ -23,3 +23,12 @@ from ._optimizers import sgd_amom as sgd_amom
 __version__ = "0.1.0"
 
 # --- rotation monitoring, AdaptCopy (issue 4) ---
+from . import rotation as rotation
+from ._adapt_copy import AdaptCopyState as AdaptCopyState
+from ._adapt_copy import adapt_copy as adapt_copy
+from ._adapt_copy import scale_by_adapt_copy as scale_by_adapt_copy
+from .rotation import RotationHistory as RotationHistory
+from .rotation import TrackRotationState as TrackRotationState
+from .rotation import layer_convergence_rate as layer_convergence_rate
+from .rotation import layer_rotation as layer_rotation
+from .rotation import track_rotation as track_rotation

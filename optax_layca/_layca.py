@@ -18,6 +18,9 @@ from ._layers import Layering, LeafLayout, check_same_structure, layer_depths
 from ._multipliers import NO_PARAMS_MSG, check_alpha, is_concrete, multiplier_at_depth, value_at
 
 DEFAULT_PARALLEL_TOL = 1e-3
+# Fused Layca recomputes ‖s⊥‖² in a second pass when ‖s‖/‖s⊥‖ exceeds this (float32 error of
+# the one-pass c − b²/a is then above ~1e-6 relative).
+PRECISE_RATIO = 4.0
 
 
 def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
@@ -168,7 +171,9 @@ def project_to_initial_norm(
     r"""Layca op 4: rescales each updated layer back onto its initial sphere.
 
     Acts on the signed update ``u`` (place it after ``scale_by_learning_rate``): with
-    ``w' = w + u`` it returns ``u' = w' ‖w⁰‖ / ‖w'‖ - w``, so ``‖w + u'‖ = ‖w⁰‖``.
+    ``w' = w + u`` it returns ``u' = w' ‖w⁰‖ / ‖w'‖ - w``, so ``‖w + u'‖ = ‖w⁰‖``. A layer
+    whose update is exactly 0 (zero gradient, multiplier 0) is left exactly where it is, as in
+    the fused :func:`scale_by_layca`.
 
     ``init`` raises a ValueError naming the layer when a concrete initial norm is zero. When
     ``init`` runs under tracing that check is impossible; a zero ``‖w⁰‖`` then pins the layer
@@ -194,11 +199,13 @@ def project_to_initial_norm(
         def project(lo, u, w, n0):
             if not lo.is_layer:
                 return u
-            w32 = w.astype(jnp.float32)
-            new = w32 + u.astype(jnp.float32)
+            w32, u32 = w.astype(jnp.float32), u.astype(jnp.float32)
+            new = w32 + u32
             n = layer_norm(new, lo)
             k = jnp.where(n > 0, n0 / jnp.where(n > 0, n, 1.0), 1.0)
-            return (k * new - w32).astype(u.dtype)
+            # A layer that does not move (zero update) stays exactly put, as in the fused form.
+            still = (layer_dot(u32, u32, lo) == 0) & (n0 > 0)
+            return jnp.where(still, 0.0, k * new - w32).astype(u.dtype)
 
         return layering.map(project, updates, params, state.initial_norm), state
 
@@ -279,14 +286,31 @@ def layca_layer_update(
     a_safe = jnp.where(has_norm, a, 1.0)
     # b * (b / a), not b² / a: b² overflows float32 for |w|, |s| ~ 1e10 and above.
     proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
+    # c − b²/a cancels when s is nearly parallel to w (‖s‖/‖s⊥‖ = R): its relative error is
+    # ~eps·R², i.e. 0.4% at R = 100 and 100% at R ≈ 1000, so the rotation would miss arctan(ρ),
+    # and the float32 error of b leaves a radial part ~eps·R in s - (b/a) w that breaks the
+    # analytic op 4. That happens near a minimum on the sphere or with an L2 term in the loss.
+    # Only then (a cheap scalar test, so the common path keeps one reduction pass) take a
+    # second pass over s⊥ = s - (b/a) w: its residual radial part e = s⊥·w corrects b, and
+    # ‖s⊥‖² is summed directly, as in the chained form.
+    def second_pass():
+        perp = s32 - (b / a_safe) * w32
+        e = layer_dot(perp, w32, lo)
+        return jnp.maximum(layer_dot(perp, perp, lo) - e * (e / a_safe), 0.0), b + e
+
+    near_parallel = jnp.any(has_norm & (PRECISE_RATIO**2 * proj2 < c))
+    proj2, b = jax.lax.cond(near_parallel, second_pass, lambda: (proj2, b))
     moves = has_norm & (proj2 > parallel_tol**2 * c)
     root_a = jnp.sqrt(a_safe)
     # ŝ = (s - (b/a) w) · inv, with ‖ŝ‖ = ‖w‖.
     inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
+    # A layer that does not rotate (zero or parallel step, or ρ = 0) stays exactly put: no
+    # radial float32 renormalisation either, so a zero gradient gives a zero update.
+    moves = moves & (rho != 0)
     rho = jnp.where(moves, rho, 0.0)
     # k - 1 via expm1 keeps the tiny radial correction accurate for small ρ.
     log_k = jnp.log(jnp.where(n0 > 0, n0, 1.0)) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
-    k_minus_1 = jnp.where(n0 > 0, jnp.expm1(log_k), -1.0)
+    k_minus_1 = jnp.where(n0 > 0, jnp.where(moves, jnp.expm1(log_k), 0.0), -1.0)
     k = k_minus_1 + 1.0
     coef_w = jnp.where(has_norm, k_minus_1 + k * rho * inv * (b / a_safe), 0.0)
     coef_s = jnp.where(has_norm, -k * rho * inv, 0.0)

@@ -20,6 +20,7 @@ import numpy as np
 from ._custom_types import IsLayer, LayerAxis, LayerOrder
 
 LAYER_NAMES = ("kernel", "embedding", "w")
+NON_LAYER_NAMES = ("bias", "scale")
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -52,10 +53,14 @@ def path_str(path: Sequence[Any]) -> str:
 def default_is_layer(path: str, leaf: Any) -> bool:
     """Default layer predicate: a leaf named kernel/embedding/w, or any leaf with ndim >= 2.
 
-    Biases, norm scales and other 0-d/1-d leaves are *non-layer* leaves.
+    Biases, norm scales and other 0-d/1-d leaves are *non-layer* leaves. Leaves named
+    ``bias``/``scale`` never are layers, even when ``nn.scan``/``nnx.vmap`` stacks them to
+    ndim >= 2.
     """
     name = path.rsplit("/", 1)[-1]
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        return False
+    if name in NON_LAYER_NAMES:
         return False
     return name in LAYER_NAMES or np.ndim(leaf) >= 2
 

@@ -85,7 +85,8 @@ def test_finite_in_finite_out_structure_and_dtype(name, tree):
     if not has_layer(params) or not nonzero_layers(params):
         return
     if name == "per_unit" and not all(
-        float(jnp.min(jnp.linalg.norm(x.astype(jnp.float32).reshape(-1, x.shape[-1]), axis=0))) > 0
+        float(jnp.min(jnp.linalg.norm(
+            x.astype(jnp.float32).reshape(-1, x.shape[-1] if x.ndim >= 2 else 1), axis=0))) > 0
         for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
         if ol.default_is_layer(ol.path_str(p), x) and x.size
     ):

@@ -1,3 +1,353 @@
-"""Layer-rotation figures (issue 4)."""
+"""Layer-rotation figures (issue 4): seed 000 Fig. 2b/4/5, 10, 11, 12; seed 003 rates.
 
-__all__: list[str] = []
+Every function takes its measurement (a live :class:`~optax_layca.rotation.RotationHistory`
+or one loaded with ``RotationHistory.load``, or plain dicts), accepts ``ax=`` and returns a
+``matplotlib.figure.Figure``. Layers are coloured by depth with viridis, the first layer
+darkest (as in the papers); matplotlib is imported inside each function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "convergence_rates",
+    "epoch_rotation",
+    "layer_multipliers",
+    "layer_norms",
+    "moment_percentiles",
+    "rotation_curves",
+]
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int) -> list:
+    """Viridis by depth, first layer darkest."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(0.0 if n == 1 else i / (n - 1)) for i in range(n)]
+
+
+def _axes(ax, n: int = 1, *, width: float = 4.0, height: float = 3.2):
+    """``(fig, [axes])``: the given axes (one, or a sequence of ``n``) or a new row of ``n``."""
+    if ax is not None:
+        axes = list(np.ravel(ax)) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+        if len(axes) != n:
+            raise ValueError(f"`ax=` must hold {n} axes for this figure; got {len(axes)}.")
+        return axes[0].figure, axes
+    fig, axes = _plt().subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _history(obj: Any, where: str):
+    from ..rotation import RotationHistory
+
+    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
+        return RotationHistory.load(obj)
+    if not isinstance(obj, RotationHistory):
+        raise TypeError(
+            f"`{where}` needs a RotationHistory (or the path of a saved one); got "
+            f"{type(obj).__name__}."
+        )
+    return obj
+
+
+def _order(available: Sequence[str], layer_order: Sequence[str] | None, where: str) -> list[str]:
+    if layer_order is None:
+        return list(available)
+    unknown = [p for p in layer_order if p not in available]
+    if unknown:
+        raise ValueError(
+            f"`{where}(layer_order=...)` names unknown layers {unknown}; layers are "
+            f"{list(available)}."
+        )
+    return list(layer_order)
+
+
+def _lines(values: np.ndarray, path: str) -> list[tuple[str, np.ndarray]]:
+    """One series per layer; vector figures (stacked layers, units) give one line per entry."""
+    values = np.asarray(values)
+    if values.ndim == 1:
+        return [(path, values)]
+    flat = values.reshape(values.shape[0], -1)
+    return [(f"{path}[{i}]", flat[:, i]) for i in range(flat.shape[1])]
+
+
+def _x_axis(hist, x: str):
+    if x == "step":
+        return hist.steps.astype(float), np.ones(len(hist), bool), "step"
+    if x == "epoch":
+        epochs = hist.epochs
+        keep = ~np.isnan(epochs)
+        if not keep.any():
+            raise ValueError("`x='epoch'` needs records taken with `epoch=`; use `x='step'`.")
+        return epochs[keep], keep, "epoch"
+    raise ValueError(f"`x=` must be 'step' or 'epoch'; got {x!r}.")
+
+
+def _plot_layers(ax, x, series: list[tuple[str, np.ndarray]], log_x: bool, legend: bool):
+    colors = _colors(len(series))
+    for (label, y), color in zip(series, colors):
+        ax.plot(x, y, color=color, label=label, lw=1.5)
+    if log_x:
+        ax.set_xscale("log")
+    if legend and len(series) <= 12:
+        ax.legend(fontsize="x-small", frameon=False)
+
+
+def rotation_curves(
+    history: Any,
+    *,
+    ax=None,
+    log_x: bool = False,
+    x: str = "step",
+    accuracies: Mapping[str, float] | float | None = None,
+    layer_order: Sequence[str] | None = None,
+    legend: bool = True,
+    title: str | None = None,
+):
+    """Layer rotation curves: cosine distance to init vs step, one line per layer.
+
+    Seed 000, Fig. 2b/4/5 ("layer-wise angle deviation curves"). Lines are coloured by depth
+    (viridis, first layer darkest); y spans ``[0, 1]``.
+
+    **Requires** the ``cosine_distance`` figure of :func:`~optax_layca.rotation.track_rotation`
+    recorded in a :class:`~optax_layca.rotation.RotationHistory`.
+
+    Args:
+      history: a ``RotationHistory`` (or saved path), or ``{run name: history}`` for
+        side-by-side panels, one per run.
+      ax: an axes (one history) or a sequence of axes (one per run); None: a new figure.
+      log_x: logarithmic x axis (records at step 0 are dropped there).
+      x: ``"step"`` (all records) or ``"epoch"`` (records taken with ``epoch=``).
+      accuracies: test accuracy per run (``{run name: acc}``, or one float), shown in the
+        panel titles as ``"<name> (test acc. 91.2%)"``.
+      layer_order: layer paths in forward order (default: natural order of the history).
+      legend: label the layers (when at most 12 lines).
+      title: title of a single panel.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    runs = dict(history) if isinstance(history, Mapping) else {title or "": history}
+    if not runs:
+        raise ValueError("`rotation_curves` needs at least one history.")
+    if accuracies is not None and not isinstance(accuracies, Mapping):
+        if len(runs) != 1:
+            raise ValueError("`accuracies=` must be a {run name: accuracy} dict for several runs.")
+        accuracies = {next(iter(runs)): float(accuracies)}
+    fig, axes = _axes(ax, len(runs))
+    for panel, (name, hist) in zip(axes, runs.items()):
+        hist = _history(hist, "rotation_curves")
+        xs, keep, xlabel = _x_axis(hist, x)
+        data = hist.get("cosine_distance")
+        series = []
+        for path in _order(list(data), layer_order, "rotation_curves"):
+            series += _lines(data[path][keep], path)
+        if log_x:
+            pos = xs > 0
+            xs, series = xs[pos], [(lab, y[pos]) for lab, y in series]
+        _plot_layers(panel, xs, series, log_x, legend and panel is axes[0])
+        panel.set_ylim(0.0, 1.0)
+        panel.set_xlabel(xlabel)
+        panel.set_ylabel("cosine distance to init")
+        label = str(name)
+        if accuracies is not None and name in accuracies:
+            acc = float(accuracies[name])
+            label = f"{label} (test acc. {100 * acc if acc <= 1 else acc:.1f}%)".strip()
+        if label:
+            panel.set_title(label)
+    return fig
+
+
+def epoch_rotation(
+    history: Any,
+    *,
+    ax=None,
+    log_y: bool = True,
+    layer_order: Sequence[str] | None = None,
+    legend: bool = True,
+):
+    """Rotation per epoch: cosine distance between each layer at the start and end of an epoch.
+
+    Seed 000, Fig. 10 row 1. **Requires** ``RotationHistory.record(..., epoch=e,
+    params=params)`` at each epoch end (see ``RotationHistory.per_epoch_rotation``).
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    hist = _history(history, "epoch_rotation")
+    epochs, rot = hist.per_epoch_rotation()
+    series = []
+    for path in _order(list(rot), layer_order, "epoch_rotation"):
+        series += _lines(rot[path], path)
+    fig, (axis,) = _axes(ax)
+    _plot_layers(axis, epochs, series, False, legend)
+    if log_y:
+        axis.set_yscale("log")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("rotation per epoch (cosine distance)")
+    return fig
+
+
+def layer_norms(
+    history: Any,
+    *,
+    names: Sequence[str] = ("grad_norm", "weight_norm"),
+    ax=None,
+    x: str = "step",
+    log_y: bool = True,
+    layer_order: Sequence[str] | None = None,
+    legend: bool = True,
+):
+    """Per-layer norms over training, one panel per figure name (seed 000, Fig. 10 rows 2–3).
+
+    **Requires** the ``grad_norm`` / ``weight_norm`` / ``update_norm`` figures of
+    :func:`~optax_layca.rotation.track_rotation` in a ``RotationHistory`` (``grad_norm`` is
+    the raw gradient when the monitor wraps the optimizer).
+
+    Args:
+      names: figures to draw, one panel each.
+      ax: a sequence of ``len(names)`` axes, or None.
+      x: ``"step"`` or ``"epoch"``.
+      log_y: logarithmic y axis.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    hist = _history(history, "layer_norms")
+    names = [names] if isinstance(names, str) else list(names)
+    fig, axes = _axes(ax, len(names))
+    xs, keep, xlabel = _x_axis(hist, x)
+    for panel, name in zip(axes, names):
+        data = hist.get(name)
+        series = []
+        for path in _order(list(data), layer_order, "layer_norms"):
+            series += _lines(data[path][keep], path)
+        _plot_layers(panel, xs, series, False, legend and panel is axes[0])
+        if log_y:
+            panel.set_yscale("log")
+        panel.set_xlabel(xlabel)
+        panel.set_ylabel(name.replace("_", " "))
+    return fig
+
+
+def moment_percentiles(
+    percentiles: Mapping[Any, Mapping[str, Any]] | Mapping[str, Any],
+    *,
+    ax=None,
+    layer_order: Sequence[str] | None = None,
+    log_y: bool = True,
+):
+    """Adam's second-moment estimate per layer: 10/50/90th percentiles (seed 000, Fig. 11).
+
+    For each layer index: a bullet at the median and a bar from the 10th to the 90th
+    percentile; several snapshots (e.g. epochs 1, 10, 50) side by side, coloured with viridis.
+
+    **Requires** :func:`~optax_layca.rotation.second_moment_percentiles` outputs: one
+    ``{layer path: (p10, p50, p90)}`` dict, or ``{label: that dict}`` for several snapshots.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    if not percentiles:
+        raise ValueError("`moment_percentiles` needs at least one layer.")
+    first = next(iter(percentiles.values()))
+    snaps = dict(percentiles) if isinstance(first, Mapping) else {"": percentiles}
+    fig, (axis,) = _axes(ax)
+    colors = _colors(len(snaps))
+    width = 0.6 / max(len(snaps), 1)
+    for k, ((label, snap), color) in enumerate(zip(snaps.items(), colors)):
+        from .._layers import natural_order
+
+        paths = _order(natural_order(snap), layer_order, "moment_percentiles")
+        vals = np.stack([np.asarray(snap[p], float).reshape(-1, 3)[0] for p in paths])
+        xs = np.arange(len(paths)) + (k - (len(snaps) - 1) / 2) * width
+        axis.errorbar(
+            xs,
+            vals[:, 1],
+            yerr=[vals[:, 1] - vals[:, 0], vals[:, 2] - vals[:, 1]],
+            fmt="o",
+            color=color,
+            capsize=3,
+            label=str(label) or None,
+        )
+    if log_y:
+        axis.set_yscale("log")
+    axis.set_xticks(np.arange(len(paths)))
+    axis.set_xlabel("layer index")
+    axis.set_ylabel("second moment estimate ν")
+    if len(snaps) > 1:
+        axis.legend(fontsize="x-small", frameon=False)
+    return fig
+
+
+def layer_multipliers(
+    alphas: Sequence[float] | float,
+    num_layers: int,
+    *,
+    ax=None,
+):
+    """Eq. 1 multipliers vs layer index, one line per α (seed 000, Fig. 12).
+
+    Lines for negative α (first layers prioritised) and positive α (last layers) share one
+    axes, coloured with viridis in the order given.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    from .._multipliers import layer_multipliers as multipliers
+
+    alphas = [alphas] if np.ndim(alphas) == 0 else list(alphas)
+    if not alphas:
+        raise ValueError("`layer_multipliers` needs at least one α.")
+    fig, (axis,) = _axes(ax)
+    for alpha, color in zip(alphas, _colors(len(alphas))):
+        m = np.asarray(multipliers(alpha, num_layers))
+        axis.plot(np.arange(num_layers), m, "o-", color=color, label=f"α = {alpha:g}", ms=3)
+    axis.set_ylim(0.0, 1.05)
+    axis.set_xlabel("layer index l")
+    axis.set_ylabel("multiplier")
+    axis.legend(fontsize="x-small", frameon=False)
+    return fig
+
+
+def convergence_rates(
+    rates: Mapping[str, Any],
+    *,
+    ax=None,
+    layer_order: Sequence[str] | None = None,
+):
+    """Layer-wise convergence rate per layer as bars (seed 003, Fig. 1 style).
+
+    **Requires** :func:`~optax_layca.rotation.layer_convergence_rate` output
+    ``{layer path: C_l}`` (a scalar per layer). Bars follow ``layer_order`` (default: natural
+    order), coloured by depth.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    from .._layers import natural_order
+
+    if not rates:
+        raise ValueError("`convergence_rates` needs at least one layer.")
+    paths = _order(natural_order(rates), layer_order, "convergence_rates")
+    vals = [float(np.mean(rates[p])) for p in paths]
+    fig, (axis,) = _axes(ax)
+    axis.bar(np.arange(len(paths)), vals, color=_colors(len(paths)))
+    axis.set_xticks(np.arange(len(paths)))
+    axis.set_xticklabels(
+        [p.split("/")[0] for p in paths], rotation=45, ha="right", fontsize="small"
+    )
+    axis.set_ylabel("convergence rate C")
+    axis.axhline(0.0, color="k", lw=0.5)
+    return fig
