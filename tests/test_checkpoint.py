@@ -40,6 +40,14 @@ def transforms():
         "lars": ol.lars(0.05, base=optax.ema(0.9, debias=False)),
         "injected": optax.inject_hyperparams(ol.layca)(learning_rate=0.1, alpha=-0.2),
         "multisteps": optax.MultiSteps(ol.layca(0.1), every_k_schedule=2),
+        "monitored": optax.chain(ol.layca(0.1), ol.track_rotation()),
+        "monitor_wrapping_adam": ol.track_rotation(optax.adam(1e-2)),
+        "adapt_copy": ol.adapt_copy(
+            {f"Dense_{i}/kernel": np.linspace(0.01, 0.05 * (i + 1), 12) for i in range(3)},
+            base=optax.ema(0.9, debias=False)),
+        "adapt_copy_curve": ol.adapt_copy(
+            {f"Dense_{i}/kernel": np.linspace(0.001, 0.2, 12) for i in range(3)},
+            target="cosine_distance"),
     }
 
 
