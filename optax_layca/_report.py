@@ -15,11 +15,14 @@ import numpy as np
 
 __all__ = [
     "accuracy_figure",
+    "DEMO_TABLE_HEADER",
     "demo_figures",
+    "demo_table_rows",
     "epoch_rotation_figure",
     "lca_curves_figure",
     "lca_figures",
     "rotation_curves_figure",
+    "rotation_histories",
     "sweep_curves_figure",
     "sweep_figures",
     "sweep_heatmap_figure",
@@ -41,20 +44,21 @@ def _plt():
 
 
 def _depth_colors(n: int) -> list:
-    """Viridis colours by depth, first layer dark (seed 000's colour code)."""
-    plt = _plt()
-    cmap = plt.get_cmap("viridis")
-    return [cmap(i / max(n - 1, 1) * 0.9) for i in range(n)]
+    """Viridis colours by depth, first layer darkest: those of :mod:`optax_layca.plot`."""
+    from .plot._rotation import _colors
+
+    return _colors(n)
 
 
-def _panels(n: int, ncols: int | None = None, size: float = 2.8):
+def _panels(n: int, ncols: int | None = None, size: float = 3.0):
+    """A grid of ``n`` panels (at most 3 a row) sharing x and y; the spare cells hidden."""
     plt = _plt()
     ncols = ncols or min(n, 3)
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(
         nrows,
         ncols,
-        figsize=(size * ncols + 0.6, size * nrows + 0.4),
+        figsize=(size * ncols + 1.0, size * nrows + 0.6),
         squeeze=False,
         sharex=True,
         sharey=True,
@@ -64,71 +68,82 @@ def _panels(n: int, ncols: int | None = None, size: float = 2.8):
     return fig, list(axes.flat[:n])
 
 
-def _colorbar(fig, axes, layers: Sequence[str]) -> None:
-    """One discrete colour per layer, labelled by depth."""
-    import matplotlib as mpl
+def _tidy_panels(fig, axes, title: str) -> None:
+    """Axis labels on the outer panels only (shared axes), small titles, a figure title."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.title.set_fontsize(9)
+        if not ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("")
+        if not ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("")
+    fig.suptitle(title, fontsize=11)
 
-    n = len(layers)
-    cmap = mpl.colors.ListedColormap(_depth_colors(n))
-    sm = mpl.cm.ScalarMappable(cmap=cmap, norm=mpl.colors.BoundaryNorm(np.arange(n + 1) - 0.5, n))
-    cb = fig.colorbar(sm, ax=axes, fraction=0.03, pad=0.02, ticks=range(n))
-    cb.set_label("layer depth (0 = input)")
+
+def rotation_histories(results: dict[str, Any]) -> dict[str, Any]:
+    """``{optimizer label: RotationHistory}`` of the cosine distance to init at every step.
+
+    Rebuilt from ``results["optimizers"][k]["cosine_distance"]`` (``step``, ``values``) and
+    ``results["layers"]`` with :meth:`optax_layca.rotation.RotationHistory.record`, so the
+    figures of :mod:`optax_layca.plot` draw them (from a live run or ``results.json``).
+    """
+    from .rotation import RotationHistory
+
+    layers = results["layers"]
+    out = {}
+    for run in results["optimizers"].values():
+        hist = RotationHistory()
+        cd = run["cosine_distance"]
+        for step, row in zip(cd["step"], np.asarray(cd["values"], np.float32)):
+            hist.record(int(step), {"cosine_distance": dict(zip(layers, row))})
+        out[run["label"]] = hist
+    return out
 
 
 def rotation_curves_figure(results: dict[str, Any], *, log_x: bool = False):
     """Layer-wise angle deviation curves, one panel per optimizer, one line per layer.
 
-    Requires ``results["optimizers"][k]["cosine_distance"]`` (``step``, ``values``) and
+    Draws :func:`optax_layca.plot.rotation_curves` over :func:`rotation_histories`. Requires
+    ``results["optimizers"][k]["cosine_distance"]`` (``step``, ``values``), ``["final"]`` and
     ``results["layers"]``. x: epochs, y: cosine distance to the initial weights (seed 000 §3.1).
     """
-    layers = results["layers"]
-    spe = results.get("steps_per_epoch", 1)
-    runs = results["optimizers"]
+    from . import plot
+
+    runs = results["optimizers"].values()
     fig, axes = _panels(len(runs))
-    colors = _depth_colors(len(layers))
-    for ax, (key, run) in zip(axes, runs.items()):
-        steps = np.asarray(run["cosine_distance"]["step"], float) / spe
-        vals = np.asarray(run["cosine_distance"]["values"], float)
-        for l, name in enumerate(layers):
-            ax.plot(steps, vals[:, l], color=colors[l], lw=1.2, label=name)
-        fin = run["final"]
-        ax.set_title(f"{run['label']}\ntest acc {fin['test_acc']:.3f}", fontsize=9)
-        ax.set_ylim(0, 1.05)
-        if log_x:
-            ax.set_xscale("symlog", linthresh=1.0 / spe)
-        ax.grid(alpha=0.3)
-    for ax in axes:
-        if ax.get_subplotspec().is_last_row():
-            ax.set_xlabel("epoch")
-        if ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("cosine distance to init")
-    _colorbar(fig, axes, layers)
-    fig.suptitle("Layer rotation curves", fontsize=11)
+    plot.rotation_curves(
+        rotation_histories(results),
+        ax=axes,
+        x="epoch",
+        steps_per_epoch=results.get("steps_per_epoch", 1),
+        log_x=log_x,
+        accuracies={r["label"]: r["final"]["test_acc"] for r in runs},
+        layer_order=results["layers"],
+        legend=False,
+        colorbar=True,
+    )
+    _tidy_panels(fig, axes, "Layer rotation curves")
     return fig
 
 
 def epoch_rotation_figure(results: dict[str, Any]):
     """Per-epoch rotation (cosine distance between the start and end of each epoch, seed 000
-    Fig. 10), one panel per optimizer, one line per layer, log y."""
+    Fig. 10), one panel per optimizer, one line per layer, log y.
+
+    Draws :func:`optax_layca.plot.epoch_rotation`. Requires
+    ``results["optimizers"][k]["epoch_rotation"]`` (epochs × layers) and ``results["layers"]``.
+    """
+    from . import plot
+
     layers = results["layers"]
-    runs = results["optimizers"]
-    fig, axes = _panels(len(runs))
-    colors = _depth_colors(len(layers))
-    for ax, run in zip(axes, runs.values()):
+    runs = {}
+    for run in results["optimizers"].values():
         rot = np.asarray(run["epoch_rotation"], float).reshape(-1, len(layers))
-        ep = np.arange(1, len(rot) + 1)
-        for l, name in enumerate(layers):
-            ax.plot(ep, np.maximum(rot[:, l], 1e-12), color=colors[l], lw=1.2, label=name)
-        ax.set_yscale("log")
-        ax.set_title(run["label"], fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in axes:
-        if ax.get_subplotspec().is_last_row():
-            ax.set_xlabel("epoch")
-        if ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("rotation in the epoch\n(cosine distance)")
-    _colorbar(fig, axes, layers)
-    fig.suptitle("Per-epoch layer rotation", fontsize=11)
+        epochs = np.arange(1, len(rot) + 1)
+        runs[run["label"]] = (epochs, {p: rot[:, l] for l, p in enumerate(layers)})
+    fig, axes = _panels(len(runs))
+    plot.epoch_rotation(runs, ax=axes, layer_order=layers, legend=False, colorbar=True)
+    _tidy_panels(fig, axes, "Per-epoch layer rotation")
     return fig
 
 
@@ -185,21 +200,26 @@ def uniformity(values: Sequence[float]) -> float:
     return float(v.min() / v.max()) if v.max() > 0 else 1.0
 
 
+DEMO_TABLE_HEADER = ("optimizer", "train acc", "test acc", "cos min", "cos mean", "cos max")
+
+
+def demo_table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per optimizer under :data:`DEMO_TABLE_HEADER`: label, final train/test
+    accuracy, min/mean/max over layers of the final cosine distance to init (3 decimals)."""
+    keys = ("train_acc", "test_acc", "cos_min", "cos_mean", "cos_max")
+    return [
+        [r["label"], *(f"{r['final'][k]:.3f}" for k in keys)]
+        for r in results["optimizers"].values()
+    ]
+
+
 def write_demo_report(results: dict[str, Any], path: str) -> None:
     """Writes the demo's ``report.md`` (table, figures, the papers' finding checked)."""
     cfg, ds = results["config"], results["dataset"]
     runs = results["optimizers"]
     rows = [
-        [
-            r["label"],
-            f"{r['final']['train_acc']:.3f}",
-            f"{r['final']['test_acc']:.3f}",
-            f"{r['final']['cos_min']:.3f}",
-            f"{r['final']['cos_mean']:.3f}",
-            f"{r['final']['cos_max']:.3f}",
-            ", ".join(f"{k}={v:g}" for k, v in r["hparams"].items()),
-        ]
-        for r in runs.values()
+        [*row, ", ".join(f"{k}={v:g}" for k, v in r["hparams"].items())]
+        for row, r in zip(demo_table_rows(results), runs.values())
     ]
     parts = [
         "# optax-layca demo report",
@@ -221,18 +241,7 @@ def write_demo_report(results: dict[str, Any], path: str) -> None:
             "(min / mean / max)."
         ),
         "",
-        _md_table(
-            [
-                "optimizer",
-                "train acc",
-                "test acc",
-                "cos min",
-                "cos mean",
-                "cos max",
-                "hyperparameters",
-            ],
-            rows,
-        ),
+        _md_table([*DEMO_TABLE_HEADER, "hyperparameters"], rows),
         "",
     ]
     if "sgd" in runs and "layca" in runs:

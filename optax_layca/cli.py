@@ -386,6 +386,8 @@ def _setup(cfg: TrainConfig):
     from ._layers import forward_order
     from .models import apply_fn, get_model, init_params
 
+    if cfg.epochs < 1:  # the parser rejects --epochs < 1; this guards direct calls
+        raise CLIError(f"--epochs (TrainConfig.epochs) must be >= 1; got {cfg.epochs}")
     data = _load(cfg)
     model = get_model(cfg.model, num_classes=data.num_classes)
     params0 = init_params(model, data.input_shape, cfg.seed)
@@ -495,22 +497,11 @@ def run_demo(
     }
     _write_json(os.path.join(out, "results.json"), results)
     _report.write_demo_report(results, os.path.join(out, "report.md"))
-    rows = [
-        [
-            r["label"],
-            f"{r['final']['train_acc']:.3f}",
-            f"{r['final']['test_acc']:.3f}",
-            f"{r['final']['cos_min']:.3f}",
-            f"{r['final']['cos_mean']:.3f}",
-            f"{r['final']['cos_max']:.3f}",
-        ]
-        for r in results["optimizers"].values()
-    ]
     _print_table(
         f"{data.name} / {cfg.model}, {cfg.epochs} epochs, seed {cfg.seed}: final cosine distance "
         "to init per layer",
-        ["optimizer", "train acc", "test acc", "cos min", "cos mean", "cos max"],
-        rows,
+        _report.DEMO_TABLE_HEADER,
+        _report.demo_table_rows(results),
     )
     print(
         f"wrote {out}/report.md, results.json and {len(figures)} figures "
@@ -798,24 +789,16 @@ def run_lca(
 # ----------------------------------------------------------------------------- argument parsing
 
 
-def _nonneg_int(name: str):
+def _int_at_least(name: str, low: int):
+    """argparse type: an integer ``>= low``, else the one-line error ``name must be >= low``."""
+
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer; got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0; got {v}")
-        return v
-
-    return parse
-
-
-def _pos_int(name: str):
-    def parse(s: str) -> int:
-        v = _nonneg_int(name)(s)
-        if v == 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0; got 0")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}; got {v}")
         return v
 
     return parse
@@ -855,12 +838,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--epochs",
-        type=_nonneg_int("--epochs"),
+        type=_int_at_least("--epochs", 1),
         default=None,
         help="training epochs (default: 40 for demo, 20 for sweep; fewer with --quick; lca uses --iters)",
     )
-    g.add_argument("--batch-size", type=_pos_int("--batch-size"), default=32)
-    g.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
+    g.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=32)
+    g.add_argument("--seed", type=_int_at_least("--seed", 0), default=0)
     g.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
     g.add_argument("--quick", action="store_true", help="small, fast configuration (CI)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -909,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lc.add_argument(
         "--iters",
-        type=_pos_int("--iters"),
+        type=_int_at_least("--iters", 1),
         default=None,
         help="training iterations analysed (default 150; 40 with --quick)",
     )

@@ -7,6 +7,7 @@ the library is checked against.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import jax
@@ -70,7 +71,9 @@ def angle(u: np.ndarray, v: np.ndarray) -> float:
 
 def natural(paths):
     """Own natural sort for the tests (digit runs by value)."""
-    key = lambda s: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
+    key = lambda s: [
+        (0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t
+    ]
     return sorted(paths, key=key)
 
 
@@ -81,7 +84,7 @@ def init_mlp(sizes, seed=0, dtype=np.float32):
     """Params ``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}`` (Flax layout)."""
     rng = np.random.default_rng(seed)
     params = {}
-    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (m, n) in enumerate(itertools.pairwise(sizes)):
         params[f"Dense_{i}"] = {
             "kernel": (rng.standard_normal((m, n)) / np.sqrt(m)).astype(dtype),
             "bias": (0.1 * rng.standard_normal(n)).astype(dtype),
@@ -210,32 +213,60 @@ def lars_step_np(w, s, w0_norm, rho, max_increase=1e-4):
     return new
 
 
-def reference_run(params, grad_fn, steps, lr, alpha=0.0, direction="sgd", variant="layca",
-                  non_layer="base", lr_at=None):
-    """Runs ``steps`` steps of Layca (or the LARS variant) on an MLP-shaped params dict.
+class Reference:
+    """Layca (or the LARS variant) on an MLP-shaped params dict, one step at a time (float64).
 
-    Layers are the kernels ``Dense_i/kernel`` in index order; biases follow ``non_layer``
-    (``"base"``: ``w -= lr * s``; ``"freeze"``: unchanged). Returns the list of params after
-    every step (float64), the first entry being the initial params.
+    Layers are the kernels ``Dense_i/kernel`` in index order; ``‖w⁰‖`` is taken from
+    ``params0``. Biases follow ``non_layer`` (``"base"``: ``w -= lr * s``; ``"freeze"``: kept).
+    ``step(params, grads)`` may be fed any params (e.g. the library's, to check one step).
     """
-    p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
-    names = sorted(p, key=lambda k: int(k.split("_")[1]))
-    L = len(names)
-    w0 = {k: np.linalg.norm(p[k]["kernel"]) for k in names}
-    opt = NumpyAdam() if direction == "adam" else NumpySGD()
-    history = [p]
-    for t in range(steps):
-        eta = lr if lr_at is None else lr_at(t)
-        g = grad_fn(p)
-        s = opt(g)
+
+    def __init__(
+        self, params0, lr, alpha=0.0, direction="sgd", variant="layca", non_layer="base", lr_at=None
+    ):
+        self.names = sorted(params0, key=lambda k: int(k.split("_")[1]))
+        self.w0 = {
+            k: np.linalg.norm(np.asarray(params0[k]["kernel"], np.float64)) for k in self.names
+        }
+        self.opt = NumpyAdam() if direction == "adam" else NumpySGD()
+        self.lr, self.alpha, self.variant, self.non_layer = lr, alpha, variant, non_layer
+        self.lr_at = lr_at
+        self.t = 0
+
+    def step(self, params, grads):
+        p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+        eta = self.lr if self.lr_at is None else self.lr_at(self.t)
+        self.t += 1
+        s = self.opt(grads)
+        L = len(self.names)
         new = {}
-        for l, k in enumerate(names):
-            rho = eq1_multiplier(alpha, l, L) * eta
-            step = layca_step_np if variant == "layca" else lars_step_np
-            kernel = step(p[k]["kernel"], s[k]["kernel"], w0[k], rho)
-            bias = p[k]["bias"] - eta * s[k]["bias"] if non_layer == "base" else p[k]["bias"]
+        for l, k in enumerate(self.names):
+            rho = eq1_multiplier(self.alpha, l, L) * eta
+            fn = layca_step_np if self.variant == "layca" else lars_step_np
+            kernel = fn(p[k]["kernel"], s[k]["kernel"], self.w0[k], rho)
+            bias = p[k]["bias"] - eta * s[k]["bias"] if self.non_layer == "base" else p[k]["bias"]
             new[k] = {"kernel": kernel, "bias": bias}
-        p = new
+        return new
+
+
+def reference_run(
+    params,
+    grad_fn,
+    steps,
+    lr,
+    alpha=0.0,
+    direction="sgd",
+    variant="layca",
+    non_layer="base",
+    lr_at=None,
+):
+    """``steps`` free-running steps of :class:`Reference`; returns params after every step
+    (float64), the first entry being the initial params."""
+    ref = Reference(params, lr, alpha, direction, variant, non_layer, lr_at)
+    p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+    history = [p]
+    for _ in range(steps):
+        p = ref.step(p, grad_fn(p))
         history.append(p)
     return history
 

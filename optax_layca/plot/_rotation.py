@@ -82,9 +82,11 @@ def _lines(values: np.ndarray, path: str) -> list[tuple[str, np.ndarray]]:
     return [(f"{path}[{i}]", flat[:, i]) for i in range(flat.shape[1])]
 
 
-def _x_axis(hist, x: str):
+def _x_axis(hist, x: str, steps_per_epoch: int | None = None):
     if x == "step":
         return hist.steps.astype(float), np.ones(len(hist), bool), "step"
+    if x == "epoch" and steps_per_epoch is not None:
+        return hist.steps / float(steps_per_epoch), np.ones(len(hist), bool), "epoch"
     if x == "epoch":
         epochs = hist.epochs
         keep = ~np.isnan(epochs)
@@ -104,6 +106,22 @@ def _plot_layers(ax, x, series: list[tuple[str, np.ndarray]], log_x: bool, legen
         ax.legend(fontsize="x-small", frameon=False)
 
 
+def _depth_colorbar(fig, axes, n: int) -> None:
+    """One discrete colour per layer (the lines' viridis), ticks at the layer depths."""
+    import matplotlib as mpl
+
+    cmap = mpl.colors.ListedColormap(_colors(n))
+    norm = mpl.colors.BoundaryNorm(np.arange(n + 1) - 0.5, n)
+    bar = fig.colorbar(
+        mpl.cm.ScalarMappable(cmap=cmap, norm=norm),
+        ax=axes,
+        fraction=0.03,
+        pad=0.02,
+        ticks=range(n),
+    )
+    bar.set_label("layer depth (0 = input)")
+
+
 def rotation_curves(
     history: Any,
     *,
@@ -114,6 +132,8 @@ def rotation_curves(
     layer_order: Sequence[str] | None = None,
     legend: bool = True,
     title: str | None = None,
+    steps_per_epoch: int | None = None,
+    colorbar: bool = False,
 ):
     """Layer rotation curves: cosine distance to init vs step, one line per layer.
 
@@ -134,6 +154,9 @@ def rotation_curves(
       layer_order: layer paths in forward order (default: natural order of the history).
       legend: label the layers (when at most 12 lines).
       title: title of a single panel.
+      steps_per_epoch: with ``x="epoch"``, place every record at ``step / steps_per_epoch``
+        (epochs as a fraction) instead of keeping only the records taken with ``epoch=``.
+      colorbar: add one colour bar by depth (layer index, 0 = input) beside the panels.
 
     Returns:
       The ``matplotlib.figure.Figure``.
@@ -145,10 +168,13 @@ def rotation_curves(
         if len(runs) != 1:
             raise ValueError("`accuracies=` must be a {run name: accuracy} dict for several runs.")
         accuracies = {next(iter(runs)): float(accuracies)}
+    if steps_per_epoch is not None and not steps_per_epoch > 0:
+        raise ValueError(f"`steps_per_epoch=` must be > 0; got {steps_per_epoch!r}.")
     fig, axes = _axes(ax, len(runs))
+    num_lines = 0
     for panel, (name, hist) in zip(axes, runs.items()):
         hist = _history(hist, "rotation_curves")
-        xs, keep, xlabel = _x_axis(hist, x)
+        xs, keep, xlabel = _x_axis(hist, x, steps_per_epoch)
         data = hist.get("cosine_distance")
         series = []
         for path in _order(list(data), layer_order, "rotation_curves"):
@@ -157,6 +183,7 @@ def rotation_curves(
             pos = xs > 0
             xs, series = xs[pos], [(lab, y[pos]) for lab, y in series]
         _plot_layers(panel, xs, series, log_x, legend and panel is axes[0])
+        num_lines = max(num_lines, len(series))
         panel.set_ylim(0.0, 1.0)
         panel.set_xlabel(xlabel)
         panel.set_ylabel("cosine distance to init")
@@ -166,6 +193,8 @@ def rotation_curves(
             label = f"{label} (test acc. {100 * acc if acc <= 1 else acc:.1f}%)".strip()
         if label:
             panel.set_title(label)
+    if colorbar:
+        _depth_colorbar(fig, axes, num_lines)
     return fig
 
 
@@ -176,26 +205,49 @@ def epoch_rotation(
     log_y: bool = True,
     layer_order: Sequence[str] | None = None,
     legend: bool = True,
+    colorbar: bool = False,
 ):
     """Rotation per epoch: cosine distance between each layer at the start and end of an epoch.
 
     Seed 000, Fig. 10 row 1. **Requires** ``RotationHistory.record(..., epoch=e,
     params=params)`` at each epoch end (see ``RotationHistory.per_epoch_rotation``).
 
+    Args:
+      history: a ``RotationHistory`` (or saved path), the ``(epochs, {layer path: array})``
+        pair its ``per_epoch_rotation()`` returns, or ``{run name: either}`` for side-by-side
+        panels, one per run, titled by run name.
+      ax: an axes (one run) or a sequence of axes (one per run); None: a new figure.
+      log_y: logarithmic y axis.
+      layer_order: layer paths in forward order (default: natural order of the history).
+      legend: label the layers (when at most 12 lines), in the first panel.
+      colorbar: add one colour bar by depth (layer index, 0 = input) beside the panels.
+
     Returns:
       The ``matplotlib.figure.Figure``.
     """
-    hist = _history(history, "epoch_rotation")
-    epochs, rot = hist.per_epoch_rotation()
-    series = []
-    for path in _order(list(rot), layer_order, "epoch_rotation"):
-        series += _lines(rot[path], path)
-    fig, (axis,) = _axes(ax)
-    _plot_layers(axis, epochs, series, False, legend)
-    if log_y:
-        axis.set_yscale("log")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("rotation per epoch (cosine distance)")
+    runs = dict(history) if isinstance(history, Mapping) else {"": history}
+    if not runs:
+        raise ValueError("`epoch_rotation` needs at least one history.")
+    fig, axes = _axes(ax, len(runs))
+    num_lines = 0
+    for panel, (name, hist) in zip(axes, runs.items()):
+        if isinstance(hist, tuple) and len(hist) == 2:
+            epochs, rot = np.asarray(hist[0]), dict(hist[1])
+        else:
+            epochs, rot = _history(hist, "epoch_rotation").per_epoch_rotation()
+        series = []
+        for path in _order(list(rot), layer_order, "epoch_rotation"):
+            series += _lines(rot[path], path)
+        _plot_layers(panel, epochs, series, False, legend and panel is axes[0])
+        num_lines = max(num_lines, len(series))
+        if log_y:
+            panel.set_yscale("log")
+        panel.set_xlabel("epoch")
+        panel.set_ylabel("rotation per epoch (cosine distance)")
+        if name:
+            panel.set_title(str(name))
+    if colorbar:
+        _depth_colorbar(fig, axes, num_lines)
     return fig
 
 

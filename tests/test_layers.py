@@ -1,0 +1,288 @@
+"""Layer discovery, paths, forward order and per-layer reductions."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from _utils import natural
+from flax import nnx
+
+import optax_layca as ol
+from optax_layca._layers import Layering, layer_depths, resolve_layer_order
+
+# ----------------------------------------------------------------------------- paths
+
+
+def test_path_str_and_nnx_value_key():
+    tree = {"Dense_0": {"kernel": 1, "bias": 2}, "scan": [3, (4,)]}
+    paths = [ol.path_str(p) for p, _ in jtu.tree_flatten_with_path(tree)[0]]
+    assert paths == ["Dense_0/bias", "Dense_0/kernel", "scan/0", "scan/1/0"]
+    # nnx: a trailing GetAttrKey('value') (seen at init) is dropped, nothing else.
+    p = (jtu.DictKey("a_out"), jtu.DictKey("kernel"), jtu.GetAttrKey("value"))
+    assert ol.path_str(p) == "a_out/kernel"
+    p = (jtu.GetAttrKey("value"), jtu.DictKey("kernel"))
+    assert ol.path_str(p) == "value/kernel"
+
+
+def test_nnx_init_and_update_paths_agree():
+    model = TinyNnx(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)  # Variable leaves: paths end in .value
+    raw = [p for p, _ in jtu.tree_flatten_with_path(state)[0]]
+    assert any(isinstance(k, jtu.GetAttrKey) and k.name == "value" for k in raw[0])
+    pure = nnx.to_pure_dict(state)
+    assert ol.layer_paths(state) == ol.layer_paths(pure) == ("a_out/kernel", "z_in/kernel")
+
+
+def test_default_is_layer():
+    f32 = jnp.ones
+    assert ol.default_is_layer("Dense_0/kernel", f32((3, 2)))
+    assert ol.default_is_layer("Embed_0/embedding", f32((10, 4)))
+    assert ol.default_is_layer("linear/w", f32(3))  # named w: a layer even when 1-d
+    assert ol.default_is_layer("attn/query", f32((4, 2, 2)))  # ndim >= 2
+    assert not ol.default_is_layer("Dense_0/bias", f32(3))
+    assert not ol.default_is_layer("BatchNorm_0/scale", f32(3))
+    # Stacked by nn.scan: still not layers.
+    assert not ol.default_is_layer("stack/Dense_0/bias", f32((4, 3)))
+    assert not ol.default_is_layer("stack/LayerNorm_0/scale", f32((4, 3)))
+    # Integer leaves (step counters, indices) never are.
+    assert not ol.default_is_layer("table/kernel", jnp.ones((2, 2), jnp.int32))
+
+
+def test_natural_order():
+    paths = ["Dense_10/kernel", "Dense_2/kernel", "Dense_1/kernel", "Dense_0/kernel"]
+    assert ol.natural_order(paths) == (
+        "Dense_0/kernel",
+        "Dense_1/kernel",
+        "Dense_2/kernel",
+        "Dense_10/kernel",
+    )
+    assert sorted(paths) != list(ol.natural_order(paths))  # plain string sort gets it wrong
+    mixed = [
+        "block_2/conv_10/kernel",
+        "block_2/conv_9/kernel",
+        "block_10/conv_0/kernel",
+        "block_2/conv/kernel",
+    ]
+    assert list(ol.natural_order(mixed)) == natural(mixed)
+    nat = ol.natural_order(mixed)
+    assert nat.index("block_2/conv_9/kernel") + 1 == nat.index("block_2/conv_10/kernel")
+    assert nat[-1] == "block_10/conv_0/kernel"
+
+
+def test_layering_layouts():
+    tree = {
+        "d": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+        "s": {"kernel": jnp.ones((5, 3, 4))},
+    }
+    lay = {lo.path: lo for lo in Layering(layer_axis={"s/kernel": 0}).layouts(tree)}
+    assert lay["d/kernel"].reduce_axes == (0, 1) and lay["d/kernel"].stack_axis is None
+    assert not lay["d/bias"].is_layer
+    assert lay["s/kernel"].stack_axis == 0 and lay["s/kernel"].reduce_axes == (1, 2)
+    unit = {lo.path: lo for lo in Layering(layer_axis={"s/kernel": 0}, per_unit=True).layouts(tree)}
+    assert unit["d/kernel"].reduce_axes == (0,)
+    assert unit["s/kernel"].reduce_axes == (1,)
+    # A callable layer_axis, negative axes.
+    lay = Layering(layer_axis=lambda p, x: -3 if p.startswith("s/") else None).layouts(tree)
+    assert [lo.stack_axis for lo in lay if lo.is_layer] == [None, 0]
+    with pytest.raises(ValueError, match=r"`layer_axis=2` is out of range for leaf 'd/kernel'"):
+        Layering(layer_axis=2).layouts(tree)
+    # An explicit list of paths.
+    assert Layering(["d/bias"]).layer_paths(tree) == ("d/bias",)
+    with pytest.raises(TypeError, match="`is_layer` must be callable"):
+        Layering(3)
+
+
+def test_layer_depths_with_stacks():
+    params = {
+        "in": {"kernel": jnp.ones((2, 2))},
+        "stack": {"kernel": jnp.ones((3, 2, 2))},
+        "out": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+    }
+    order = ["in/kernel", "stack/kernel", "out/kernel"]
+    depth, total = layer_depths(params, Layering(layer_axis={"stack/kernel": 0}), order)
+    assert total == 5
+    assert int(depth["in"]["kernel"]) == 0
+    assert np.asarray(depth["stack"]["kernel"]).ravel().tolist() == [1, 2, 3]
+    assert depth["stack"]["kernel"].shape == (3, 1, 1)  # broadcasts against the leaf
+    assert int(depth["out"]["kernel"]) == 4 and int(depth["out"]["bias"]) == -1
+    # Natural-sort fallback (no order given): in, out, stack.
+    depth, total = layer_depths(params, Layering(), None)
+    assert total == 3 and int(depth["stack"]["kernel"]) == 2
+
+
+def test_resolve_layer_order_errors():
+    params = {f"Dense_{i}": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)} for i in range(3)}
+    lay = Layering()
+    assert resolve_layer_order(params, lay) == (
+        "Dense_0/kernel",
+        "Dense_1/kernel",
+        "Dense_2/kernel",
+    )
+    with pytest.raises(ValueError, match=r"not layers of params: \['Dense_3/kernel'\]"):
+        resolve_layer_order(
+            params, lay, ["Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel", "Dense_3/kernel"]
+        )
+    with pytest.raises(ValueError, match=r"missing these layers of params: \['Dense_1/kernel'\]"):
+        resolve_layer_order(params, lay, ["Dense_0/kernel", "Dense_2/kernel"])
+    with pytest.raises(ValueError, match=r"more than once: \['Dense_0/kernel'\]"):
+        resolve_layer_order(
+            params, lay, ["Dense_0/kernel"] * 2 + ["Dense_1/kernel", "Dense_2/kernel"]
+        )
+    with pytest.raises(ValueError, match="No layer found in params"):
+        resolve_layer_order({"b": jnp.ones(3)}, lay)
+
+
+# ----------------------------------------------------------------------------- forward order
+
+
+class MLP12(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(12):
+            x = nn.relu(nn.Dense(4)(x))
+        return x
+
+
+def test_forward_order_linen_mlp_12():
+    model = MLP12()
+    x = jnp.ones((1, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    order = ol.forward_order(lambda p, x: model.apply({"params": p}, x), params, x)
+    assert order == tuple(f"Dense_{i}/kernel" for i in range(12))
+    assert order.index("Dense_10/kernel") == order.index("Dense_9/kernel") + 1
+    # jax.tree order is not forward order; the natural sort fallback agrees here.
+    assert ol.layer_paths(params)[2] == "Dense_10/kernel"
+    assert ol.natural_order(ol.layer_paths(params)) == order
+
+
+class ResCNN(nn.Module):
+    """Names chosen so that neither tree nor natural order is the forward order."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), name="stem")(x)
+        x = nn.BatchNorm(use_running_average=True, name="stem_bn")(x)
+        h = nn.relu(nn.Conv(8, (3, 3), name="block_conv1")(x))
+        h = nn.Conv(8, (3, 3), name="block_conv2")(h)
+        shortcut = nn.Conv(8, (1, 1), name="block_shortcut")(x)
+        x = nn.relu(h + shortcut)
+        return nn.Dense(3, name="head")(x.mean((1, 2)))
+
+
+def test_forward_order_cnn_with_residual_shortcut():
+    model = ResCNN()
+    x = jnp.ones((1, 6, 6, 2))
+    # Only shapes matter: abstract init (a real conv init costs seconds on a busy CPU).
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+    params = variables["params"]
+    apply = lambda p, x: model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)
+    order = ol.forward_order(apply, params, x)
+    assert order == (
+        "stem/kernel",
+        "block_conv1/kernel",
+        "block_conv2/kernel",
+        "block_shortcut/kernel",
+        "head/kernel",
+    )
+    assert ol.natural_order(order) != order
+
+
+class TinyNnx(nnx.Module):
+    def __init__(self, rngs):
+        self.z_in = nnx.Linear(3, 4, rngs=rngs)
+        self.a_out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.a_out(nnx.relu(self.z_in(x)))
+
+
+def test_forward_order_nnx():
+    model = TinyNnx(nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    x = jnp.ones((1, 3))
+    order = ol.forward_order(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    assert order == ("z_in/kernel", "a_out/kernel")
+    # The same order from the pure dict (what nnx.Optimizer hands to update).
+    pure = nnx.to_pure_dict(state)
+    assert ol.forward_order(_pure_apply, pure, x) == order
+
+
+def _pure_apply(p, x):
+    h = jax.nn.relu(x @ p["z_in"]["kernel"] + p["z_in"]["bias"])
+    return h @ p["a_out"]["kernel"] + p["a_out"]["bias"]
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.tanh(nn.Dense(4, name="dense")(x)), None
+
+
+class ScanNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4, name="z_in")(x)
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+            name="a_stack"
+        )
+        x, _ = stack(x, None)
+        return nn.Dense(2, name="m_out")(x)
+
+
+def test_forward_order_scan_and_stacked_layers():
+    model = ScanNet()
+    x = jnp.ones((1, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    assert params["a_stack"]["dense"]["kernel"].shape == (3, 4, 4)
+    order = ol.forward_order(lambda p, x: model.apply({"params": p}, x), params, x)
+    assert order == ("z_in/kernel", "a_stack/dense/kernel", "m_out/kernel")
+    # With layer_axis=0 the stack is three layers at depths 1, 2, 3 of L = 5.
+    lay = Layering(layer_axis={"a_stack/dense/kernel": 0})
+    depth, total = layer_depths(params, lay, order)
+    assert total == 5
+    assert np.asarray(depth["a_stack"]["dense"]["kernel"]).ravel().tolist() == [1, 2, 3]
+    assert int(depth["m_out"]["kernel"]) == 4
+    assert int(depth["a_stack"]["dense"]["bias"]) == -1
+
+
+def test_forward_order_recurses_into_sub_jaxprs():
+    """remat, jit (pjit), custom_vjp, cond and while bodies; unused layers go last."""
+    names = ["k_first", "j_second", "i_third", "h_fourth", "g_fifth", "f_unused_b", "e_unused_a"]
+    params = {n: jnp.eye(2) for n in names}
+
+    @jax.custom_vjp
+    def cv(x, w):
+        return x @ w
+
+    cv.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+
+    def apply(p, x):
+        x = jax.checkpoint(lambda x, w: x @ w)(x, p["k_first"])
+        x = jax.jit(lambda x, w: jnp.tanh(x @ w))(x, p["j_second"])
+        x = cv(x, p["i_third"])
+        x = jax.lax.cond(x.sum() > 0, lambda x: x @ p["h_fourth"], lambda x: -x @ p["h_fourth"], x)
+        x = jax.lax.fori_loop(0, 2, lambda i, x: x @ p["g_fifth"], x)
+        return x
+
+    order = ol.forward_order(apply, params, jnp.ones((1, 2)))
+    assert order == (
+        "k_first",
+        "j_second",
+        "i_third",
+        "h_fourth",
+        "g_fifth",
+        "e_unused_a",
+        "f_unused_b",
+    )
+
+
+def test_forward_order_is_layer_and_errors():
+    params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+    apply = lambda p, x: x @ p["b"] @ p["a"]
+    assert ol.forward_order(apply, params, jnp.ones((1, 2))) == ("b", "a")
+    assert ol.forward_order(apply, params, jnp.ones((1, 2)), is_layer=["a"]) == ("a",)
+    with pytest.raises(ValueError, match="no layer found"):
+        ol.forward_order(lambda p, x: x, {"bias": jnp.ones(2)}, jnp.ones(2))
