@@ -74,6 +74,8 @@ TRANSFORMS = {
     "per_unit": lambda: ol.layca(0.1, per_unit=True),
     "project_orthogonal": lambda: ol.project_orthogonal(),
     "scale_to_weight_norm": lambda: ol.scale_to_weight_norm(),
+    "monitored": lambda: optax.chain(ol.layca(0.1), ol.track_rotation()),
+    "monitor_adam": lambda: ol.track_rotation(optax.scale_by_adam()),
 }
 
 
@@ -91,12 +93,15 @@ def test_finite_in_finite_out_structure_and_dtype(name, tree):
         if ol.default_is_layer(ol.path_str(p), x) and x.size
     ):
         return
-    if name == "layca_adam" and any(x.dtype == jnp.float16 for x in jax.tree.leaves(params)):
+    if name in ("layca_adam", "monitor_adam") and any(x.dtype == jnp.float16 for x in jax.tree.leaves(params)):
         return  # optax's own scale_by_adam gives 0/0 = NaN in float16 (eps underflows)
     tx = TRANSFORMS[name]()
     state = tx.init(params)
-    updates, _ = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
+    for x in jax.tree.leaves(state):  # monitor figures, norms, moments: finite too
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), name
     for u, w in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
         assert u.dtype == w.dtype and u.shape == w.shape
         assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))), name
