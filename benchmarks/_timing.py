@@ -7,13 +7,12 @@ interleaving them round by round, and reports ratios of medians.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import os
 
 import jax
 

@@ -100,7 +100,7 @@ def test_step_angle_mode_reproduces_every_step_angle(adam_history):
         np.testing.assert_allclose(rep[k], rec[k], rtol=1e-4, atol=1e-7, err_msg=k)
     # Layca keeps the norms at their initial values
     wn = replay.get("weight_norm")
-    for k, v in wn.items():
+    for v in wn.values():
         np.testing.assert_allclose(v, v[0], rtol=1e-5)
 
 

@@ -204,7 +204,7 @@ def test_fused_equals_chained_each_step(direction):
     chained = injected(direction, "layca-chained")
     sc = with_alpha(chained, alpha)
     step_c = _step(chained)
-    for t, (p, u, _) in enumerate(traj[:-1]):
+    for t, (p, _u, _) in enumerate(traj[:-1]):
         new_c, sc, _, _ = step_c(p, sc)
         assert_trees_close_rel(new_c, traj[t + 1][0], tol=1e-6, err=f"step {t}:")
 
