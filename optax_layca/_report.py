@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "accuracy_figure",
     "DEMO_TABLE_HEADER",
+    "accuracy_figure",
     "demo_figures",
     "demo_table_rows",
     "epoch_rotation_figure",
@@ -69,15 +69,30 @@ def _panels(n: int, ncols: int | None = None, size: float = 3.0):
 
 
 def _tidy_panels(fig, axes, title: str) -> None:
-    """Axis labels on the outer panels only (shared axes), small titles, a figure title."""
+    """Axis labels on the outer panels only (shared axes), small titles (a long one broken
+    before its last parenthesis), a figure title."""
     for ax in axes:
         ax.grid(alpha=0.3)
+        head, sep, tail = ax.get_title().rpartition(" (")
+        if sep and len(head) + len(tail) > 26:
+            ax.set_title(f"{head}\n({tail}")
         ax.title.set_fontsize(9)
         if not ax.get_subplotspec().is_last_row():
             ax.set_xlabel("")
         if not ax.get_subplotspec().is_first_col():
             ax.set_ylabel("")
     fig.suptitle(title, fontsize=11)
+
+
+def _cosine_history(steps: Sequence[int], values: Any, layers: Sequence[str]):
+    """A :class:`~optax_layca.rotation.RotationHistory` of the cosine distance to init,
+    ``values[t, l]`` of layer ``layers[l]`` recorded at ``steps[t]``."""
+    from .rotation import RotationHistory
+
+    hist = RotationHistory()
+    for step, row in zip(steps, np.asarray(values, np.float32)):
+        hist.record(int(step), {"cosine_distance": dict(zip(layers, row))})
+    return hist
 
 
 def rotation_histories(results: dict[str, Any]) -> dict[str, Any]:
@@ -87,17 +102,12 @@ def rotation_histories(results: dict[str, Any]) -> dict[str, Any]:
     ``results["layers"]`` with :meth:`optax_layca.rotation.RotationHistory.record`, so the
     figures of :mod:`optax_layca.plot` draw them (from a live run or ``results.json``).
     """
-    from .rotation import RotationHistory
-
-    layers = results["layers"]
-    out = {}
-    for run in results["optimizers"].values():
-        hist = RotationHistory()
-        cd = run["cosine_distance"]
-        for step, row in zip(cd["step"], np.asarray(cd["values"], np.float32)):
-            hist.record(int(step), {"cosine_distance": dict(zip(layers, row))})
-        out[run["label"]] = hist
-    return out
+    return {
+        run["label"]: _cosine_history(
+            run["cosine_distance"]["step"], run["cosine_distance"]["values"], results["layers"]
+        )
+        for run in results["optimizers"].values()
+    }
 
 
 def rotation_curves_figure(results: dict[str, Any], *, log_x: bool = False):
@@ -147,6 +157,16 @@ def epoch_rotation_figure(results: dict[str, Any]):
     return fig
 
 
+def _single_axes(fig, ax, xlabel: str, ylabel: str):
+    """Finishes a one-axes figure: labels, light grid, small legend, tight layout."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def accuracy_figure(results: dict[str, Any]):
     """Train (dashed) and test (solid) accuracy per epoch, one line per optimizer."""
     plt = _plt()
@@ -157,12 +177,8 @@ def accuracy_figure(results: dict[str, Any]):
         ep = np.arange(1, len(te) + 1)
         ax.plot(ep, te, color=cmap(i), label=run["label"])
         ax.plot(ep, tr, color=cmap(i), ls="--", lw=0.8)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (test solid, train dashed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    ax.set_title("Accuracy per epoch", fontsize=11)
+    return _single_axes(fig, ax, "epoch", "accuracy (test solid, train dashed)")
 
 
 def _save(fig, out: str, name: str) -> str:
@@ -178,6 +194,15 @@ def demo_figures(results: dict[str, Any], out: str) -> list[str]:
         _save(epoch_rotation_figure(results), out, "epoch_rotation.png"),
         _save(accuracy_figure(results), out, "accuracy.png"),
     ]
+
+
+def _write_markdown(path: str, parts: Sequence[str], *, footer: bool = False) -> None:
+    """Writes the lines ``parts`` (ending with "All numbers are in `results.json`." if
+    ``footer``)."""
+    if footer:
+        parts = [*parts, "All numbers are in `results.json`.", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -275,11 +300,8 @@ def write_demo_report(results: dict[str, Any], path: str) -> None:
         "",
         "![accuracy](accuracy.png)",
         "",
-        "All numbers are in `results.json`.",
-        "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
+    _write_markdown(path, parts, footer=True)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -319,25 +341,41 @@ def sweep_heatmap_figure(results: dict[str, Any]):
 
 
 def sweep_curves_figure(results: dict[str, Any]):
-    """Layer rotation curves of every configuration (rows ρ(0), columns α), seed 000 Fig. 2b."""
-    plt = _plt()
+    """Layer rotation curves of every configuration (rows ρ(0), columns α), seed 000 Fig. 2b.
+
+    Draws :func:`optax_layca.plot.rotation_curves` (one panel per configuration) from
+    ``results["configs"][i]["epoch_cosine_distance"]`` (epochs + 1 × layers); the number in
+    each panel is its test accuracy.
+    """
+    from . import plot
+
     ks, alphas, layers = results["ks"], results["alphas"], results["layers"]
-    colors = _depth_colors(len(layers))
-    fig, axes = plt.subplots(
+    fig, grid = _plt().subplots(
         len(ks),
         len(alphas),
-        figsize=(1.9 * len(alphas) + 1, 1.5 * len(ks) + 0.8),
+        figsize=(1.9 * len(alphas) + 1.6, 1.5 * len(ks) + 0.8),
         squeeze=False,
         sharex=True,
         sharey=True,
     )
-    for c in results["configs"]:
-        ax = axes[len(ks) - 1 - ks.index(c["k"]), alphas.index(c["alpha"])]
-        cd = np.asarray(c["epoch_cosine_distance"], float)
-        for l in range(len(layers)):
-            ax.plot(np.arange(len(cd)), cd[:, l], color=colors[l], lw=1)
-        ax.set_ylim(0, 1.05)
+    configs = results["configs"]
+    axes = [grid[len(ks) - 1 - ks.index(c["k"]), alphas.index(c["alpha"])] for c in configs]
+    histories = {}
+    for c in configs:
+        cd = c["epoch_cosine_distance"]
+        histories[f"3^{c['k']}, {c['alpha']:g}"] = _cosine_history(range(len(cd)), cd, layers)
+    plot.rotation_curves(
+        histories,
+        ax=axes,
+        x="epoch",
+        steps_per_epoch=1,
+        layer_order=layers,
+        legend=False,
+        colorbar=True,
+    )
+    for ax, c in zip(axes, configs):
         acc = c["test_acc"]
+        ax.set(title="", xlabel="", ylabel="")
         ax.text(
             0.03,
             0.92,
@@ -347,12 +385,11 @@ def sweep_curves_figure(results: dict[str, Any]):
             va="top",
         )
     for j, a in enumerate(alphas):
-        axes[0, j].set_title(f"α={a:g}", fontsize=8)
-        axes[-1, j].set_xlabel("epoch", fontsize=8)
+        grid[0, j].set_title(f"α={a:g}", fontsize=8)
+        grid[-1, j].set_xlabel("epoch", fontsize=8)
     for i, k in enumerate(reversed(ks)):
-        axes[i, 0].set_ylabel(f"ρ(0)=$3^{{{k}}}$", fontsize=8)
+        grid[i, 0].set_ylabel(f"ρ(0)=$3^{{{k}}}$", fontsize=8)
     fig.suptitle("Layer rotation curves (cosine distance to init; number = test acc)", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -394,8 +431,7 @@ def write_sweep_report(results: dict[str, Any], path: str) -> None:
         _md_table(["ρ(0)", "α", "train acc", "test acc"], rows),
         "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
+    _write_markdown(path, parts)
 
 
 # ----------------------------------------------------------------------------- lca
@@ -417,12 +453,7 @@ def lca_curves_figure(history: Any, layers: Sequence[str]):
         it, np.cumsum(history.loss_change), color="k", ls="--", lw=1, label="measured loss change"
     )
     ax.axhline(0, color="gray", lw=0.6)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cumulative LCA (negative = helped)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _single_axes(fig, ax, "iteration", "cumulative LCA (negative = helped)")
 
 
 def lca_figures(history: Any, moments: Any, layers: Sequence[str], out: str) -> list[str]:
@@ -521,8 +552,5 @@ def write_lca_report(results: dict[str, Any], error_table_md: str, path: str) ->
         "",
         "![moments of learning](moments_raster.png)",
         "",
-        "All numbers are in `results.json`.",
-        "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
+    _write_markdown(path, parts, footer=True)

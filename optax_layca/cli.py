@@ -161,20 +161,10 @@ def cosine_distances(params: Any, reference: Any, order: Sequence[str]):
     """
     import jax.numpy as jnp
 
-    try:
-        from .rotation import layer_rotation
-    except ImportError:  # pragma: no cover - rotation module not available
-        layer_rotation = None
-    if layer_rotation is not None:
-        rot = layer_rotation(params, reference, is_layer=list(order))
-        return jnp.stack([jnp.asarray(rot[p], jnp.float32).reshape(()) for p in order])
-    out = []
-    for w, w0 in zip(_flat_layers(params, order), _flat_layers(reference, order)):
-        w, w0 = w.ravel().astype(jnp.float32), w0.ravel().astype(jnp.float32)
-        denom = jnp.linalg.norm(w) * jnp.linalg.norm(w0)
-        cos = jnp.where(denom > 0, jnp.vdot(w, w0) / jnp.where(denom > 0, denom, 1.0), 1.0)
-        out.append(1.0 - jnp.clip(cos, -1.0, 1.0))
-    return jnp.stack(out)
+    from .rotation import layer_rotation
+
+    rot = layer_rotation(params, reference, is_layer=list(order))
+    return jnp.stack([jnp.asarray(rot[p], jnp.float32).reshape(()) for p in order])
 
 
 def _loss_fn(apply: Callable, params, x, y, mask):
@@ -437,6 +427,23 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
+def _write_outputs(
+    out: str,
+    results: dict[str, Any],
+    figures: list[str],
+    write_report: Callable[[dict[str, Any], str], None],
+    t_start: float,
+    **timings: float,
+) -> None:
+    """Adds ``figures`` and ``timings`` (``total_s`` since ``t_start``, then ``timings``) to
+    ``results``; writes ``results.json`` and, with ``write_report(results, path)``,
+    ``report.md`` under ``out``."""
+    results["figures"] = figures
+    results["timings"] = {"total_s": time.perf_counter() - t_start, **timings}
+    _write_json(os.path.join(out, "results.json"), results)
+    write_report(results, os.path.join(out, "report.md"))
+
+
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Prints a table to stdout (rich when available, plain text otherwise)."""
     try:
@@ -488,15 +495,15 @@ def run_demo(
         "steps_per_epoch": steps_per_epoch,
         "optimizers": {k: _record_json(r) for k, r in records.items()},
     }
-    os.makedirs(out, exist_ok=True)
     figures = _report.demo_figures(results, out)
-    results["figures"] = figures
-    results["timings"] = {
-        "total_s": time.perf_counter() - t_start,
+    _write_outputs(
+        out,
+        results,
+        figures,
+        _report.write_demo_report,
+        t_start,
         **{k: r.seconds for k, r in records.items()},
-    }
-    _write_json(os.path.join(out, "results.json"), results)
-    _report.write_demo_report(results, os.path.join(out, "report.md"))
+    )
     _print_table(
         f"{data.name} / {cfg.model}, {cfg.epochs} epochs, seed {cfg.seed}: final cosine distance "
         "to init per layer",
@@ -605,11 +612,8 @@ def run_sweep(
             for i, (k, a) in enumerate(grid)
         ],
     }
-    os.makedirs(out, exist_ok=True)
-    results["figures"] = _report.sweep_figures(results, out)
-    results["timings"] = {"total_s": time.perf_counter() - t_start}
-    _write_json(os.path.join(out, "results.json"), results)
-    _report.write_sweep_report(results, os.path.join(out, "report.md"))
+    figures = _report.sweep_figures(results, out)
+    _write_outputs(out, results, figures, _report.write_sweep_report, t_start)
     rows = [
         [
             f"3^{c['k']}",
@@ -761,14 +765,15 @@ def run_lca(
             for k in runs
         },
     }
-    os.makedirs(out, exist_ok=True)
-    results["figures"] = _report.lca_figures(h, moments, order, out)
-    results["timings"] = {
-        "total_s": time.perf_counter() - t_start,
-        "full_dataset_passes": evaluator.num_evaluations,
-    }
-    _write_json(os.path.join(out, "results.json"), results)
-    _report.write_lca_report(results, table_md, os.path.join(out, "report.md"))
+    figures = _report.lca_figures(h, moments, order, out)
+    _write_outputs(
+        out,
+        results,
+        figures,
+        lambda res, path: _report.write_lca_report(res, table_md, path),
+        t_start,
+        full_dataset_passes=evaluator.num_evaluations,
+    )
     total = sum(float(v) for v in results["cumulative_per_layer"].values())
     rows_out = [
         [name, f"{float(v):+.4f}", f"{100 * float(v) / total:.1f}%" if total else "-"]
@@ -804,18 +809,23 @@ def _int_at_least(name: str, low: int):
     return parse
 
 
-def _float_list(s: str) -> list[float]:
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers; got {s!r}") from None
+def _list_of(kind: type, what: str):
+    """argparse type: comma-separated values of ``kind`` (e.g. ``--ks=-5,-3,-1``)."""
+
+    def parse(s: str) -> list:
+        try:
+            return [kind(v) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}; got {s!r}"
+            ) from None
+
+    return parse
 
 
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {s!r}") from None
+def _add_int(parser, flag: str, low: int, help: str, default: int | None = None) -> None:
+    """Adds the integer option ``flag`` (``>= low``; the error names the flag)."""
+    parser.add_argument(flag, type=_int_at_least(flag, low), default=default, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -836,14 +846,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(MODELS),
         help="reference model (default fc: in-100-50-10)",
     )
-    g.add_argument(
+    _add_int(
+        g,
         "--epochs",
-        type=_int_at_least("--epochs", 1),
-        default=None,
-        help="training epochs (default: 40 for demo, 20 for sweep; fewer with --quick; lca uses --iters)",
+        1,
+        "training epochs (default: 40 for demo, 20 for sweep; fewer with --quick; lca uses "
+        "--iters)",
     )
-    g.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=32)
-    g.add_argument("--seed", type=_int_at_least("--seed", 0), default=0)
+    _add_int(g, "--batch-size", 1, "minibatch size (default 32)", default=32)
+    _add_int(g, "--seed", 0, "seed of the initialisation, split and batches", default=0)
     g.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
     g.add_argument("--quick", action="store_true", help="small, fast configuration (CI)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -854,48 +865,31 @@ def build_parser() -> argparse.ArgumentParser:
         "on embedded data. Default subcommand: demo.",
     )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    dm = sub.add_parser(
-        "demo",
-        parents=[common],
-        help="SGD, SGD+wd, Adam, Layca, Adam+Layca, LARS: rotation curves and report",
-    )
+    command = lambda name, help: sub.add_parser(name, parents=[common], help=help)
+    dm = command("demo", "SGD, SGD+wd, Adam, Layca, Adam+Layca, LARS: rotation curves and report")
     dm.add_argument(
         "--optimizers",
-        default=None,
         help=f"comma-separated subset of {','.join(DEMO_OPTIMIZERS)} (default: all)",
     )
-    sw = sub.add_parser(
-        "sweep",
-        parents=[common],
-        help="Layca over rho(0)=3^k x alpha (vmapped): heat map + curve grid",
-    )
+    sw = command("sweep", "Layca over rho(0)=3^k x alpha (vmapped): heat map + curve grid")
     sw.add_argument(
         "--ks",
-        type=_int_list,
-        default=None,
+        type=_list_of(int, "integers"),
         help="exponents k of rho(0)=3^k, e.g. --ks=-5,-3,-1 (default -5,-4,-3,-2,-1)",
     )
     sw.add_argument(
         "--alphas",
-        type=_float_list,
-        default=None,
+        type=_list_of(float, "numbers"),
         help="alpha values in [-1, 1], e.g. --alphas=-0.5,0,0.5 (default -0.8,-0.4,0,0.4,0.8)",
     )
-    lc = sub.add_parser(
-        "lca", parents=[common], help="train with SGD and write the Loss Change Allocation report"
-    )
+    lc = command("lca", "train with SGD and write the Loss Change Allocation report")
     lc.add_argument(
         "--lr",
         type=float,
         default=0.05,
         help="SGD (momentum 0.9) learning rate (default 0.05, seed 004's MNIST-FC)",
     )
-    lc.add_argument(
-        "--iters",
-        type=_int_at_least("--iters", 1),
-        default=None,
-        help="training iterations analysed (default 150; 40 with --quick)",
-    )
+    _add_int(lc, "--iters", 1, "training iterations analysed (default 150; 40 with --quick)")
     return parser
 
 

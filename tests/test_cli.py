@@ -62,6 +62,7 @@ def test_demo_results_are_complete(demo):
 def test_figures_have_one_line_per_layer(demo):
     _, results = demo
     n_layers = len(results["layers"])
+    epochs = results["config"]["epochs"]
     for make in (_report.rotation_curves_figure, _report.epoch_rotation_figure):
         fig = make(results)
         panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
@@ -69,13 +70,24 @@ def test_figures_have_one_line_per_layer(demo):
         for ax in panels:
             assert len(ax.lines) == n_layers
             assert [ln.get_label() for ln in ax.lines] == results["layers"]
+        # a colour bar by depth, one tick per layer
+        (cbar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert "depth" in cbar.get_ylabel() and len(cbar.get_yticks()) == n_layers
         # the last layer of the first panel plots that optimizer's saved curve
-        key = next(iter(results["optimizers"]))
+        run = next(iter(results["optimizers"].values()))
+        assert panels[0].get_title().startswith(run["label"])
         if make is _report.rotation_curves_figure:
-            y = panels[0].lines[-1].get_ydata()
+            line = panels[0].lines[-1]
+            cd = run["cosine_distance"]
+            np.testing.assert_allclose(line.get_ydata(), np.asarray(cd["values"])[:, -1], rtol=1e-6)
             np.testing.assert_allclose(
-                y, np.asarray(results["optimizers"][key]["cosine_distance"]["values"])[:, -1]
+                line.get_xdata(), np.asarray(cd["step"]) / results["steps_per_epoch"]
             )
+            assert all(ax.get_ylim() == (0.0, 1.0) for ax in panels)
+        else:
+            line = panels[0].lines[0]
+            np.testing.assert_allclose(line.get_ydata(), np.asarray(run["epoch_rotation"])[:, 0])
+            np.testing.assert_array_equal(line.get_xdata(), np.arange(1, epochs + 1))
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -107,7 +119,10 @@ def test_same_seed_same_results(demo, tmp_path):
     "argv, message",
     [
         (["demo", "--dataset", "cifar1000"], "unknown dataset"),
-        (["demo", "--epochs", "-3"], "--epochs must be >= 0"),
+        (["demo", "--epochs", "-3"], "--epochs must be >= 1; got -3"),
+        (["demo", "--epochs", "0"], "--epochs must be >= 1; got 0"),
+        (["sweep", "--epochs", "0"], "--epochs must be >= 1; got 0"),
+        (["demo", "--batch-size", "0"], "--batch-size must be >= 1; got 0"),
         (["demo", "--epochs", "many"], "--epochs must be an integer"),
         (["demo", "--model", "transformer"], "invalid choice"),
         (["demo", "--no-such-flag"], "unrecognized arguments"),
@@ -248,3 +263,9 @@ def test_unusable_out_exits_2_before_training(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--no-progress", "--out", str(blocker)]) == 2
     err = capsys.readouterr().err
     assert "cannot create output folder" in err and err.count("\n") == 1
+
+
+def test_zero_epochs_rejected_before_training(tmp_path):
+    """Direct calls get the CLI's check too (no run reporting nan accuracy)."""
+    with pytest.raises(cli.CLIError, match="must be >= 1; got 0"):
+        cli.run_demo(cli.TrainConfig(epochs=0), str(tmp_path / "o"), progress=False)
