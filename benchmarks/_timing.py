@@ -41,6 +41,23 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, wa
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def dense_params(sizes, key) -> dict:
+    """He-initialised ``{"Dense_i": {"kernel", "bias"}}`` MLP params (shared benchmark fixture)."""
+    import itertools
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    params = {}
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        key, k = jax.random.split(key)
+        params[f"Dense_{i}"] = {
+            "kernel": jax.random.normal(k, (a, b)) * np.sqrt(2 / a),
+            "bias": jnp.zeros(b),
+        }
+    return params
+
+
 def environment() -> dict:
     dev = jax.devices()[0]
     return {

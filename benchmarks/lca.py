@@ -24,13 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import block, time_interleaved, write_results
+from _timing import block, dense_params, time_interleaved, write_results
 
 from optax_layca import lca
 from optax_layca.lca._engines import Quantities
@@ -39,15 +38,6 @@ from optax_layca.lca._integrate import Stepper, resolve_options
 SIZES = (784, 100, 50, 10)
 
 
-def init_params(key):
-    params = {}
-    for i, (a, b) in enumerate(itertools.pairwise(SIZES)):
-        key, k = jax.random.split(key)
-        params[f"Dense_{i}"] = {
-            "kernel": jax.random.normal(k, (a, b)) * np.sqrt(2 / a),
-            "bias": jnp.zeros(b),
-        }
-    return params
 
 
 def apply(p, x):
@@ -160,7 +150,7 @@ def main(argv=None):
     repeats = 2 if args.quick else 5
     bs = min(args.batch_size, n)
     x, y = make_data(n)
-    params = init_params(jax.random.PRNGKey(0))
+    params = dense_params(SIZES, jax.random.PRNGKey(0))
     nparams = sum(v.size for v in jax.tree.leaves(params))
     traj = trajectory(params, x, y, steps=2 * (repeats + 2) + 2)
     ev = lca.Evaluator(loss_fn, (x, y), labels=y, batch_size=bs)

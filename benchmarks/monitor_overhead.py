@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import time_interleaved, write_results
+from _timing import dense_params, time_interleaved, write_results
 
 import optax_layca as ol
 
@@ -38,15 +37,6 @@ EVERY = 10
 ROUNDS = 3
 
 
-def init_params(sizes, key):
-    params = {}
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        key, k = jax.random.split(key)
-        params[f"Dense_{i}"] = {
-            "kernel": jax.random.normal(k, (a, b)) * np.sqrt(2 / a),
-            "bias": jnp.zeros(b),
-        }
-    return params
 
 
 def loss_fn(p, x, y):
@@ -76,7 +66,7 @@ def main(argv=None) -> int:
         sizes, batch, repeats = (64, 128, 128, 10), 32, 5
     else:
         sizes, batch, repeats = (784, 512, 512, 512, 10), 128, 30
-    params = init_params(sizes, jax.random.PRNGKey(0))
+    params = dense_params(sizes, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, sizes[0])), jnp.float32)
     y = jnp.asarray(rng.integers(0, sizes[-1], batch))
