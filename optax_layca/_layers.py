@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -21,6 +22,11 @@ from ._custom_types import IsLayer, LayerAxis, LayerOrder
 
 LAYER_NAMES = ("kernel", "embedding", "w")
 NON_LAYER_NAMES = ("bias", "scale")
+
+
+def shape_of(leaf: Any) -> tuple[int, ...]:
+    """Shape of an array, a Python scalar or a ``jax.ShapeDtypeStruct``."""
+    return tuple(getattr(leaf, "shape", np.shape(leaf)))
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -62,7 +68,7 @@ def default_is_layer(path: str, leaf: Any) -> bool:
         return False
     if name in NON_LAYER_NAMES:
         return False
-    return name in LAYER_NAMES or np.ndim(leaf) >= 2
+    return name in LAYER_NAMES or len(shape_of(leaf)) >= 2
 
 
 def natural_key(path: str) -> tuple:
@@ -163,7 +169,7 @@ class Layering:
             axis = spec
         if axis is None:
             return None
-        ndim = np.ndim(leaf)
+        ndim = len(shape_of(leaf))
         if not -ndim <= int(axis) < ndim:
             raise ValueError(f"`layer_axis={axis}` is out of range for leaf {path!r} of ndim {ndim}.")
         return int(axis) % ndim
@@ -171,7 +177,7 @@ class Layering:
     def layout(self, path: str, leaf: Any) -> LeafLayout:
         if not self._is_layer(path, leaf):
             return LeafLayout(path, False, None, ())
-        ndim = np.ndim(leaf)
+        ndim = len(shape_of(leaf))
         stack = self._stack_axis(path, leaf)
         keep = {stack} if stack is not None else set()
         if self.per_unit and ndim - len(keep) >= 2:
@@ -265,7 +271,7 @@ def layer_depths(params: Any, layering: Layering, layer_order: LayerOrder = None
     stacked layers, whose slices take consecutive depths).
     """
     order = resolve_layer_order(params, layering, layer_order)
-    shapes = {lo.path: (lo, np.shape(x)) for lo, x in zip(
+    shapes = {lo.path: (lo, shape_of(x)) for lo, x in zip(
         layering.layouts(params), jax.tree.leaves(params))}
     start, total = {}, 0
     for path in order:
@@ -278,8 +284,8 @@ def layer_depths(params: Any, layering: Layering, layer_order: LayerOrder = None
             return jnp.asarray(-1, jnp.int32)
         if lo.stack_axis is None:
             return jnp.asarray(start[lo.path], jnp.int32)
-        n = np.shape(x)[lo.stack_axis]
-        shape = [1] * np.ndim(x)
+        n = shape_of(x)[lo.stack_axis]
+        shape = [1] * len(shape_of(x))
         shape[lo.stack_axis] = n
         return jnp.arange(start[lo.path], start[lo.path] + n, dtype=jnp.int32).reshape(shape)
 
@@ -337,7 +343,7 @@ def _first_uses(jaxpr, env: dict, order: list, seen: set) -> None:
 
 
 def _is_literal(var) -> bool:
-    return isinstance(var, jax.extend.core.Literal) if hasattr(jax, "extend") else False
+    return isinstance(var, jax_core.Literal)
 
 
 def forward_order(
@@ -357,8 +363,9 @@ def forward_order(
     Args:
       apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. ``lambda p, x: model.apply({"params":
         p}, x)`` for Flax linen, or ``lambda s, x: nnx.merge(graphdef, s)(x)`` for nnx.
-      params: the parameter pytree whose layers are ordered.
-      *args: example inputs (only shapes and dtypes matter).
+      params: the parameter pytree whose layers are ordered (arrays, or shape stubs from
+        ``jax.eval_shape``: nothing is computed).
+      *args: example inputs (only shapes and dtypes matter: arrays or ``jax.ShapeDtypeStruct``).
       is_layer: layer predicate or list of paths (default :func:`default_is_layer`).
       **kwargs: passed to ``apply_fn``.
 
@@ -375,7 +382,17 @@ def forward_order(
     layering = Layering(is_layer)
     leaves_with_paths = jtu.tree_flatten_with_path(params)[0]
     paths = [path_str(p) for p, _ in leaves_with_paths]
-    closed = jax.make_jaxpr(lambda p: apply_fn(p, *args, **kwargs))(params)
+    # Example inputs that are all arrays or ``jax.ShapeDtypeStruct``s are traced (so shape
+    # stubs from ``jax.eval_shape`` work, as they do for params); others (flags) stay static.
+    traced = [all(hasattr(x, "shape") and hasattr(x, "dtype") for x in jax.tree.leaves(a))
+              for a in args]
+
+    def call(p, dynamic):
+        it = iter(dynamic)
+        full = [next(it) if t else a for a, t in zip(args, traced)]
+        return apply_fn(p, *full, **kwargs)
+
+    closed = jax.make_jaxpr(call)(params, [a for a, t in zip(args, traced) if t])
     jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.invars, paths))
     order: list[str] = []

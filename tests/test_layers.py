@@ -286,3 +286,17 @@ def test_forward_order_is_layer_and_errors():
     assert ol.forward_order(apply, params, jnp.ones((1, 2)), is_layer=["a"]) == ("a",)
     with pytest.raises(ValueError, match="no layer found"):
         ol.forward_order(lambda p, x: x, {"bias": jnp.ones(2)}, jnp.ones(2))
+
+
+def test_forward_order_on_shape_stubs_and_literals():
+    """Shape stubs (jax.eval_shape) work for params and inputs; literals in the jaxpr are skipped."""
+    import jax
+    import jax.numpy as jnp
+
+    import optax_layca as ol
+
+    stub = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    params = {"a": stub(3, 4), "b": stub(4), "c": stub(4, 2)}
+    apply = lambda p, x, scale=1.0: jnp.maximum(x @ p["c"].T * 2.0, 0.0) @ p["a"].T * scale
+    assert ol.layer_paths(params) == ("a", "c")
+    assert ol.forward_order(apply, params, stub(1, 2), scale=3.0) == ("c", "a")
