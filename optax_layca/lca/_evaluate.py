@@ -386,7 +386,20 @@ def evaluate(
       >>> e.loss, np.asarray(e.class_loss, float).round(4).tolist()
       (2.0, [0.8, 1.2])
     """
-    ev = Evaluator(
+    ev = make_evaluator(loss_fn, data, batch_size, labels, class_fn, num_classes)
+    return ev.evaluate(params, grad=grad)
+
+
+def make_evaluator(loss_fn, data, batch_size, labels, class_fn, num_classes) -> Evaluator:
+    """``data`` itself when it is an :class:`Evaluator` (no other options allowed), else a new one."""
+    if isinstance(data, Evaluator):
+        if any(x is not None for x in (batch_size, labels, class_fn, num_classes)):
+            raise ValueError(
+                "`data` is an Evaluator: set `batch_size`/`labels`/`class_fn`/`num_classes` "
+                "on the Evaluator instead."
+            )
+        return data
+    return Evaluator(
         loss_fn,
         data,
         batch_size=batch_size,
@@ -394,4 +407,3 @@ def evaluate(
         class_fn=class_fn,
         num_classes=num_classes,
     )
-    return ev.evaluate(params, grad=grad)

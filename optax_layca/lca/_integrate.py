@@ -15,7 +15,7 @@ import numpy as np
 
 from .._layers import check_same_structure, path_str
 from ._engines import Quantities, choose_class_strategy
-from ._evaluate import Evaluator
+from ._evaluate import Evaluator, make_evaluator
 from ._result import LCAResult
 
 METHODS = ("rk4", "first_order")
@@ -271,23 +271,6 @@ def check_params(params_before: Any, params_after: Any) -> None:
     if not jax.tree.leaves(params_before):
         raise ValueError("`params_before` has no leaves.")
 
-
-def make_evaluator(loss_fn, data, batch_size, labels, class_fn, num_classes) -> Evaluator:
-    if isinstance(data, Evaluator):
-        if any(x is not None for x in (batch_size, labels, class_fn, num_classes)):
-            raise ValueError(
-                "`data` is an Evaluator: set `batch_size`/`labels`/`class_fn`/`num_classes` "
-                "on the Evaluator instead."
-            )
-        return data
-    return Evaluator(
-        loss_fn,
-        data,
-        batch_size=batch_size,
-        labels=labels,
-        class_fn=class_fn,
-        num_classes=num_classes,
-    )
 
 
 def allocate(

@@ -31,7 +31,8 @@ import jax
 import numpy as np
 
 from .._layers import path_str
-from ._integrate import Stepper, check_params, make_evaluator, resolve_options
+from ._evaluate import make_evaluator
+from ._integrate import Stepper, check_params, resolve_options
 from ._result import LCAHistory, LCAResult
 
 _SCALARS = ("total", "loss_change", "loss_before", "loss_after", "error", "num_splits", "converged")
