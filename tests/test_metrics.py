@@ -71,8 +71,15 @@ def test_state_names_and_values_match_the_monitor(run):
     m = metrics.flatten(state)
     assert m.step == 6 and not m.histograms
     expected = {
-        f"rotation/{name}/{p}" for name in ("cosine_distance", "step_angle", "cumulative_angle",
-                                            "grad_norm", "weight_norm", "update_norm")
+        f"rotation/{name}/{p}"
+        for name in (
+            "cosine_distance",
+            "step_angle",
+            "cumulative_angle",
+            "grad_norm",
+            "weight_norm",
+            "update_norm",
+        )
         for p in LAYERS
     }
     assert set(m.scalars) == expected
@@ -98,17 +105,23 @@ def test_history_every_record_and_epoch_rotation(run):
     with_epoch = [r for r in records if any("epoch_rotation" in k for k in r.scalars)]
     assert [r.step for r in with_epoch] == [3, 6]
     for r, j in zip(with_epoch, range(2)):
-        assert r.scalars["rotation/epoch_rotation/Dense_1/kernel"] == float(rot["Dense_1/kernel"][j])
+        assert r.scalars["rotation/epoch_rotation/Dense_1/kernel"] == float(
+            rot["Dense_1/kernel"][j]
+        )
 
 
 def test_per_unit_vectors_become_histograms_or_scalars(run_units):
     hist, state, _ = run_units
     m = metrics.flatten(state)  # 20 and 8 and 3 units; default max_split = 16
     h = m.histograms["rotation/weight_norm/Dense_0/kernel"]
-    np.testing.assert_array_equal(h, np.asarray(optax.tree.get(state, "weight_norm")["Dense_0/kernel"], np.float64))
+    np.testing.assert_array_equal(
+        h, np.asarray(optax.tree.get(state, "weight_norm")["Dense_0/kernel"], np.float64)
+    )
     assert "rotation/weight_norm/Dense_1/kernel" not in m.histograms
     want = np.asarray(optax.tree.get(state, "weight_norm")["Dense_1/kernel"])
-    assert [m.scalars[f"rotation/weight_norm/Dense_1/kernel/{i}"] for i in range(8)] == want.tolist()
+    assert [
+        m.scalars[f"rotation/weight_norm/Dense_1/kernel/{i}"] for i in range(8)
+    ] == want.tolist()
     everything = metrics.flatten(state, max_split=0)
     assert not everything.scalars and len(everything.histograms) == 6 * 3
 
@@ -117,11 +130,15 @@ def test_nonfinite_kept_and_counted():
     hist = RotationHistory()
     v = np.linspace(0.0, 1.0, 20).astype(np.float32)
     v[3], v[7] = np.nan, np.inf
-    hist.record(1, {"cosine_distance": {"a/kernel": jnp.asarray(v), "b/kernel": jnp.asarray(np.nan)}})
+    hist.record(
+        1, {"cosine_distance": {"a/kernel": jnp.asarray(v), "b/kernel": jnp.asarray(np.nan)}}
+    )
     m = metrics.flatten(hist)
     assert math.isnan(m.scalars["rotation/cosine_distance/b/kernel"])
     assert m.scalars["rotation/cosine_distance/a/kernel/num_nonfinite"] == 2.0
-    np.testing.assert_array_equal(m.histograms["rotation/cosine_distance/a/kernel"], np.delete(v, [3, 7]))
+    np.testing.assert_array_equal(
+        m.histograms["rotation/cosine_distance/a/kernel"], np.delete(v, [3, 7])
+    )
 
 
 def test_nnx_optimizer_state():
@@ -194,7 +211,7 @@ def test_write_to_clu_like_writer_and_errors(run, lca_run):
     assert metrics.write(w, results[0], step=40, max_split=0) == 1
     step, scalars = w.scalars[-1]
     assert step == 40 and "lca/per_layer/" + next(iter(results[0].per_layer)) in scalars
-    (step, hists), = w.histograms  # per-class totals and per-parameter LCA
+    ((step, hists),) = w.histograms  # per-class totals and per-parameter LCA
     assert step == 40 and "lca/per_class" in hists and "lca/per_param/Dense_0/kernel" in hists
     with pytest.raises(ValueError, match="step"):
         metrics.write(w, results[0])
@@ -269,7 +286,9 @@ def wandb_history(run_file):
             record.ParseFromString(chunk)
             chunk = b""
             if record.WhichOneof("record_type") == "history":
-                rows.append({(i.key or "/".join(i.nested_key)): i.value_json for i in record.history.item})
+                rows.append(
+                    {(i.key or "/".join(i.nested_key)): i.value_json for i in record.history.item}
+                )
     return rows
 
 
