@@ -2,10 +2,13 @@
 
 Control (optax transforms): :func:`layca`, :func:`lars`, :func:`sgd_amom`, :func:`adapt_copy`
 and the operations they chain. Measure: :mod:`optax_layca.rotation` (main names re-exported
-here) and :mod:`optax_layca.lca`. Show: :mod:`optax_layca.plot`. Command line:
-:mod:`optax_layca.app`.
+here) and :mod:`optax_layca.lca`; :mod:`optax_layca.metrics` sends both to TensorBoard, W&B or
+clu. Show: :mod:`optax_layca.plot` (imported here, without matplotlib, so that the measurements
+display themselves in notebooks). Command line: :mod:`optax_layca.app`.
 """
 
+from . import metrics as metrics
+from . import plot as plot
 from . import rotation as rotation
 from ._adapt_copy import AdaptCopyState as AdaptCopyState
 from ._adapt_copy import adapt_copy as adapt_copy

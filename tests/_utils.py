@@ -273,3 +273,37 @@ def reference_run(
 
 def to_jax(params):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+# ----------------------------------------------------------------------------- a small LCA run
+
+
+def small_lca_run(steps=3, iterations=(10, 11, 12)):
+    """LCA of ``steps`` SGD steps of a 4-6-3 tanh classifier on 40 examples (with labels):
+    ``(list of LCAResult, LCAHistory)``, for tests that consume LCA results."""
+    import jax.numpy as jnp
+    import optax
+
+    from optax_layca import lca
+
+    params = jax.tree.map(jnp.asarray, init_mlp((4, 6, 3), seed=2))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 40).astype(np.int32)
+
+    def loss_fn(p, batch):
+        xb, yb = batch
+        h = jnp.tanh(xb @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+
+    opt = optax.sgd(0.3)
+    state, traj = opt.init(params), [params]
+    for _ in range(steps):
+        g = jax.grad(lambda q: jnp.mean(loss_fn(q, (x, y))))(traj[-1])
+        u, state = opt.update(g, state)
+        traj.append(optax.apply_updates(traj[-1], u))
+    results = [
+        lca.allocate(loss_fn, a, b, (x, y), batch_size=16, labels=y) for a, b in zip(traj, traj[1:])
+    ]
+    return results, lca.stack_results(results, iterations=list(iterations))

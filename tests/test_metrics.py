@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _utils import init_mlp, mlp_data, mlp_loss_jax
+from _utils import init_mlp, mlp_data, mlp_loss_jax, small_lca_run
 
-from optax_layca import RotationHistory, lca, metrics, track_rotation
+from optax_layca import RotationHistory, metrics, track_rotation
 
 SIZES = (5, 20, 8, 3)
 LAYERS = ("Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel")
@@ -50,7 +50,7 @@ def run_units():
 
 @pytest.fixture(scope="module")
 def lca_run():
-    return lca_history()
+    return small_lca_run()
 
 
 class CluLike:
@@ -149,30 +149,6 @@ def test_nnx_optimizer_state():
     opt.update(model, grads)
     m = metrics.flatten(opt.opt_state)
     assert m.step == 1 and m.scalars["rotation/step_angle/kernel"] > 0
-
-
-def lca_history():
-    params = jax.tree.map(jnp.asarray, init_mlp((4, 6, 3), seed=2))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 4)).astype(np.float32)
-    y = rng.integers(0, 3, 40).astype(np.int32)
-
-    def loss_fn(p, batch):
-        xb, yb = batch
-        h = jnp.tanh(xb @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-        logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-
-    opt = optax.sgd(0.3)
-    state, traj = opt.init(params), [params]
-    for _ in range(3):
-        g = jax.grad(lambda q: jnp.mean(loss_fn(q, (x, y))))(traj[-1])
-        u, state = opt.update(g, state)
-        traj.append(optax.apply_updates(traj[-1], u))
-    results = [
-        lca.allocate(loss_fn, a, b, (x, y), batch_size=16, labels=y) for a, b in zip(traj, traj[1:])
-    ]
-    return results, lca.stack_results(results, iterations=[10, 11, 12])
 
 
 def test_lca_result_and_history_rows(lca_run):
