@@ -12,18 +12,15 @@ one flat ``{name: number}`` dict per step. :func:`flatten` turns any of
 * an :class:`~optax_layca.lca.LCAResult` or one row of an :class:`~optax_layca.lca.LCAHistory`
 
 into :class:`Metrics`: scalars named ``<wing>/<figure>/<layer path>`` and histograms for
-per-unit or stacked layers. :func:`write` sends them to a writer:
+per-unit or stacked layers. :func:`write` sends them to a writer, one call per record:
 
-========================================  ==================================================
-writer                                    call made per record
-========================================  ==================================================
-``clu.metric_writers.MetricWriter``        ``write_scalars(step, scalars)``,
-                                           ``write_histograms(step, histograms)``
-``tensorboardX.SummaryWriter`` (or         ``add_scalar(name, value, global_step=step)``,
-``torch.utils.tensorboard.SummaryWriter``) ``add_histogram(name, values, global_step=step)``
-``wandb`` (the module) or a ``wandb`` run  ``log({**scalars, name: wandb.Histogram(v)},
-                                           step=step)``
-========================================  ==================================================
+* a ``clu.metric_writers.MetricWriter``: ``write_scalars(step, scalars)`` and
+  ``write_histograms(step, histograms)``;
+* a ``tensorboardX.SummaryWriter`` (or ``torch.utils.tensorboard.SummaryWriter``):
+  ``add_scalar(name, value, global_step=step)`` and ``add_histogram(name, values,
+  global_step=step)``;
+* ``wandb`` (the module) or a ``wandb`` run: ``log({**scalars, name: wandb.Histogram(v)},
+  step=step)``.
 
 Names (``<path>`` is a layer path such as ``Dense_0/kernel``):
 
