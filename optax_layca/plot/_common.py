@@ -55,8 +55,9 @@ def owns_layout(fig) -> bool:
 def depth_colorbar(fig, axes: Sequence, colors: Sequence, label: str = "layer depth (0 = input)"):
     """A discrete colour bar, one colour per depth, ticks at the depths, beside ``axes``.
 
-    In a figure made here it takes its room from the panels (constrained layout); on a caller's
-    axes it is an inset just right of the last panel, so the caller's axes keep their size.
+    In a figure made here, or one with a layout engine, the engine makes room for it. On the
+    axes of a caller's figure without one, it is a new axes just right of the panels' bounding
+    box: no axes of the caller moves or shrinks.
     """
     import matplotlib as mpl
 
@@ -64,10 +65,13 @@ def depth_colorbar(fig, axes: Sequence, colors: Sequence, label: str = "layer de
     cmap = mpl.colors.ListedColormap(list(colors))
     norm = mpl.colors.BoundaryNorm(np.arange(n + 1) - 0.5, n)
     mappable = mpl.cm.ScalarMappable(cmap=cmap, norm=norm)
-    if owns_layout(fig):
+    if owns_layout(fig) or fig.get_layout_engine() is not None:
         bar = fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02, ticks=range(n))
     else:
-        cax = axes[-1].inset_axes([1.03, 0.0, 0.04, 1.0])
+        boxes = [ax.get_position() for ax in axes]
+        x1 = max(b.x1 for b in boxes)
+        y0, y1 = min(b.y0 for b in boxes), max(b.y1 for b in boxes)
+        cax = fig.add_axes([x1 + 0.015, y0, 0.015, y1 - y0])
         bar = fig.colorbar(mappable, cax=cax, ticks=range(n))
     bar.set_label(label)
     return bar
