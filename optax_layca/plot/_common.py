@@ -52,27 +52,31 @@ def owns_layout(fig) -> bool:
     return fig in _OWN_FIGURES
 
 
-def depth_colorbar(fig, axes: Sequence, colors: Sequence, label: str = "layer depth (0 = input)"):
-    """A discrete colour bar, one colour per depth, ticks at the depths, beside ``axes``.
+def side_colorbar(fig, axes: Sequence, mappable, **kwargs):
+    """``fig.colorbar(mappable)`` beside ``axes`` without moving any axes of a caller.
 
     In a figure made here, or one with a layout engine, the engine makes room for it. On the
     axes of a caller's figure without one, it is a new axes just right of the panels' bounding
     box: no axes of the caller moves or shrinks.
     """
+    if owns_layout(fig) or fig.get_layout_engine() is not None:
+        return fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02, **kwargs)
+    boxes = [ax.get_position() for ax in axes]
+    x1 = max(b.x1 for b in boxes)
+    y0, y1 = min(b.y0 for b in boxes), max(b.y1 for b in boxes)
+    cax = fig.add_axes([x1 + 0.015, y0, 0.015, y1 - y0], label="<colorbar>")  # as matplotlib
+    return fig.colorbar(mappable, cax=cax, **kwargs)
+
+
+def depth_colorbar(fig, axes: Sequence, colors: Sequence, label: str = "layer depth (0 = input)"):
+    """A discrete colour bar, one colour per depth, ticks at the depths, beside ``axes``
+    (placed as :func:`side_colorbar` places it)."""
     import matplotlib as mpl
 
     n = len(colors)
     cmap = mpl.colors.ListedColormap(list(colors))
     norm = mpl.colors.BoundaryNorm(np.arange(n + 1) - 0.5, n)
-    mappable = mpl.cm.ScalarMappable(cmap=cmap, norm=norm)
-    if owns_layout(fig) or fig.get_layout_engine() is not None:
-        bar = fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02, ticks=range(n))
-    else:
-        boxes = [ax.get_position() for ax in axes]
-        x1 = max(b.x1 for b in boxes)
-        y0, y1 = min(b.y0 for b in boxes), max(b.y1 for b in boxes)
-        cax = fig.add_axes([x1 + 0.015, y0, 0.015, y1 - y0])
-        bar = fig.colorbar(mappable, cax=cax, ticks=range(n))
+    bar = side_colorbar(fig, axes, mpl.cm.ScalarMappable(cmap=cmap, norm=norm), ticks=range(n))
     bar.set_label(label)
     return bar
 
