@@ -19,11 +19,10 @@ from ._layers import (
     Layering,
     LeafLayout,
     check_params,
-    layer_depths,
     layer_dot,
     layer_norm,
 )
-from ._multipliers import check_alpha, multiplier_at_depth
+from ._multipliers import check_alpha, init_layer_depths, multiplier_at_depth
 
 DEFAULT_PARALLEL_TOL = 1e-3
 # Fused Layca recomputes ‖s⊥‖² in a second pass when ‖s‖/‖s⊥‖ exceeds this (float32 error of
@@ -314,7 +313,7 @@ class ScaleByLaycaState(NamedTuple):
       count: number of updates so far (int32), for learning-rate and α schedules.
       initial_norm: ‖w⁰‖ per layer (float32, reduced axes kept).
       layer_depth: layer index per leaf (int32, -1 for non-layers).
-      num_layers: ``L`` (int32).
+      num_layers: ``L`` (int32); 0 when no forward order was known at ``init`` (α was 0).
     """
 
     count: jax.Array
@@ -389,12 +388,12 @@ def scale_by_layca(
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def init_fn(params):
-        depth, num_layers = layer_depths(params, layering, layer_order)
+        depth, num_layers = init_layer_depths(params, layering, layer_order, alpha)
         return ScaleByLaycaState(
             count=jnp.zeros((), jnp.int32),
             initial_norm=initial_layer_norms(params, layering, "scale_by_layca"),
             layer_depth=depth,
-            num_layers=jnp.asarray(num_layers, jnp.int32),
+            num_layers=num_layers,
         )
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -26,8 +26,7 @@ def per_layer(
     """``{path: fn(layout, leaf, *rest_leaves)}`` over the layer leaves of ``tree``."""
     out = {}
     flats = [jtu.tree_flatten_with_path(tree)[0]] + [jax.tree.leaves(r) for r in rest]
-    for i, (p, x) in enumerate(flats[0]):
-        lo = layering.layout(path_str(p), x)
+    for i, ((_, x), lo) in enumerate(zip(flats[0], layering.layouts(tree))):
         if lo.is_layer:
             out[lo.path] = squeeze_reduced(fn(lo, x, *(f[i] for f in flats[1:])), lo)
     if not out:
@@ -285,11 +284,10 @@ def layer_convergence_rate(
     for name, tree in thetas.items():
         check_same_structure(tree, final_params, f"trajectory[{name}]", "final_params")
     layering = Layering(is_layer, layer_axis, per_unit)
-    star = jtu.tree_flatten_with_path(final_params)[0]
+    star = jax.tree.leaves(final_params)
     flat = {k: jax.tree.leaves(v) for k, v in thetas.items()}
     out = {}
-    for i, (p, w_star) in enumerate(star):
-        lo = layering.layout(path_str(p), w_star)
+    for i, (w_star, lo) in enumerate(zip(star, layering.layouts(final_params))):
         if not lo.is_layer:
             continue
         ws = np.asarray(w_star, np.float64)
