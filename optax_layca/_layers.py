@@ -486,6 +486,71 @@ def layer_depths(
     return layering.map(depth, params), total
 
 
+def tensor_layouts(tree: Any, layering: Layering) -> dict[str, LeafLayout]:
+    """``{path: layout}`` treating every leaf as one tensor, for non-layer policies.
+
+    Layer leaves keep their layout. A non-layer leaf (bias, norm scale) is reduced whole, or
+    per block when it lies under the scan root of a stack (:func:`layer_stacks`) with the
+    stack's length along its axis (the bias of an ``nn.scan``-ed block). Used where non-layer
+    leaves are normalised like layers, as the authors' LARS does.
+    """
+    flat = jtu.tree_flatten_with_path(tree)[0]
+    layouts = layering.layouts(tree)
+    stacks = sorted(layer_stacks(tree, layering, layering.layer_paths(tree)),
+                    key=lambda st: -len(st.root))
+    out = {}
+    for lo, (_, x) in zip(layouts, flat):
+        if lo.is_layer:
+            out[lo.path] = lo
+            continue
+        shape, path = shape_of(x), lo.path
+        st = next((st for st in stacks
+                   if (not st.root or path.startswith(st.root + "/"))
+                   and len(shape) > st.axis and shape[st.axis] == st.length), None)
+        axis = None if st is None else st.axis
+        out[lo.path] = LeafLayout(lo.path, False, axis, tuple(a for a in range(len(shape))
+                                                               if a != axis))
+    return out
+
+
+def module_layer_depths(params: Any, layering: Layering, depth: Any) -> Any:
+    """``depth`` with each non-layer leaf given the depth of the layer of its module.
+
+    A bias ``Dense_3/bias`` takes the depth of ``Dense_3/kernel``, as the authors' SGD and
+    LARS give every weight of a Keras layer that layer's multiplier; a leaf whose module has
+    no layer (a norm's scale) keeps -1. Under a stack the bias takes the per-block depths.
+    """
+    flat = jtu.tree_flatten_with_path(params)[0]
+    layouts = layering.layouts(params)
+    depths = jax.tree.leaves(depth)
+    # A leaf's module is its parent path (the grouping of lca's ``module_path``).
+    module_of = lambda path: path.rpartition("/")[0]
+    owner: dict[str, tuple[LeafLayout, Any]] = {}
+    for lo, d in zip(layouts, depths):
+        if lo.is_layer:
+            owner.setdefault(module_of(lo.path), (lo, d))
+    out = []
+    for lo, (_, x), d in zip(layouts, flat, depths):
+        if lo.is_layer or module_of(lo.path) not in owner:
+            out.append(d)
+            continue
+        kernel, kd = owner[module_of(lo.path)]
+        if kernel.stack_axis is None:
+            out.append(kd)
+            continue
+        shape, n = shape_of(x), np.size(kd)
+        if len(shape) <= kernel.stack_axis or shape[kernel.stack_axis] != n:
+            raise ValueError(
+                f"Leaf {lo.path!r} (shape {shape}) sits beside the stacked layer "
+                f"{kernel.path!r} ({n} blocks along axis {kernel.stack_axis}) but is not "
+                "stacked along that axis: its layer's multiplier is ambiguous."
+            )
+        target = [1] * len(shape)
+        target[kernel.stack_axis] = n
+        out.append(jnp.reshape(kd, target))
+    return jax.tree.unflatten(jax.tree.structure(depth), out)
+
+
 # ----------------------------------------------------------------------------- forward order
 
 

@@ -15,6 +15,7 @@ from ._layers import (
     Layering,
     check_same_structure,
     layer_depths,
+    module_layer_depths,
     natural_order_is_forward,
 )
 
@@ -121,8 +122,9 @@ class ScaleByLayerMultipliersState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32), the step at which ``alpha`` is evaluated.
-      layer_depth: per leaf, the layer index ``l`` (int32, -1 for non-layer leaves; a vector
-        along the stack axis for stacked layers).
+      layer_depth: per leaf, the layer index ``l`` (int32, -1 for non-layer leaves, or their
+        module's layer index with ``non_layer="module"``; a vector along the stack axis for
+        stacked layers).
       num_layers: ``L`` (int32 scalar); 0 when α was 0 at ``init`` and no forward order was
         known (a later non-zero α then gives NaN, see :func:`init_layer_depths`).
     """
@@ -138,12 +140,16 @@ def scale_by_layer_multipliers(
     *,
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
+    non_layer: str = "pass",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales each layer's update by its Eq. 1 multiplier.
 
     Layer ``l`` (forward order) of ``L`` gets ``m_l(α)`` of :func:`layer_multipliers`, so that
     with a base rate ``ρ(t)`` its rate is ``ρ_l(t) = m_l(α) ρ(t)``. Non-layer leaves pass
-    through unchanged.
+    through unchanged (``non_layer="pass"``) or take the multiplier of the layer of their
+    module (``"module"``: ``Dense_3/bias`` that of ``Dense_3/kernel``; a norm's scale, whose
+    module has no layer, keeps 1), as the authors' SGD and LARS give every weight of a Keras
+    layer that layer's multiplier.
 
     Args:
       alpha: α in ``[-1, 1]``, or a schedule ``step -> α``. Array-valued, so it works under
@@ -155,6 +161,7 @@ def scale_by_layer_multipliers(
         Under ``inject_hyperparams`` pass callables in ``static_args``.
       layer_axis: stack axis of leaves holding several layers; stacked blocks take depths
         block by block (see :func:`~optax_layca._layers.layer_depths`).
+      non_layer: ``"pass"`` or ``"module"``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -171,10 +178,17 @@ def scale_by_layer_multipliers(
       Carbonnelle & De Vleeschouwer, 2019, Eq. 1.
     """
     check_alpha(alpha, "scale_by_layer_multipliers(alpha=...)")
+    if non_layer not in ("pass", "module"):
+        raise ValueError(
+            "`scale_by_layer_multipliers(non_layer=...)` must be one of ('pass', 'module'); "
+            f"got {non_layer!r}."
+        )
     layering = Layering(is_layer, layer_axis)
 
     def init_fn(params):
         depth, num_layers = init_layer_depths(params, layering, layer_order, alpha)
+        if non_layer == "module":
+            depth = module_layer_depths(params, layering, depth)
         return ScaleByLayerMultipliersState(
             count=jnp.zeros((), jnp.int32), layer_depth=depth, num_layers=num_layers
         )
@@ -185,9 +199,9 @@ def scale_by_layer_multipliers(
         a = value_at(alpha, state.count)
 
         def scale(lo, u, depth):
-            if not lo.is_layer:
+            if not lo.is_layer and non_layer == "pass":
                 return u
-            m = multiplier_at_depth(a, depth, state.num_layers)
+            m = jnp.where(depth >= 0, multiplier_at_depth(a, depth, state.num_layers), 1.0)
             return (u.astype(jnp.float32) * m).astype(u.dtype)
 
         updates = layering.map(scale, updates, state.layer_depth)
