@@ -1,5 +1,7 @@
 """Layer discovery, paths, forward order and per-layer reductions."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -336,6 +338,7 @@ class _TNet(nn.Module):
         return nn.Dense(10, name="head")(x)
 
 
+@functools.cache
 def _tnet(scan):
     model, tokens = _TNet(scan=scan), jnp.zeros((1, 5), jnp.int32)
     params = model.init(jax.random.key(0), tokens)["params"]
@@ -485,3 +488,17 @@ def test_unknown_order_with_alpha_injected_later_is_nan_not_silent():
     state.hyperparams["alpha"] = jnp.asarray(0.5)
     u, _ = tx.update(ones, state, params)
     assert bool(jnp.isnan(u["stem"]["kernel"]).all()) and bool(jnp.all(u["stem"]["bias"] == 1))
+
+
+def test_lars_normalises_stacked_non_layers_per_block():
+    """Under a stack a norm scale is one tensor per block (as in the unrolled network)."""
+    params, order = _tnet(scan=True)
+    scale = params["blocks"]["ln"]["scale"]  # (3 blocks, 4), ones
+    c = jnp.array([1.0, 10.0, 100.0])[:, None]
+    grads = jax.tree.map(jnp.zeros_like, params)
+    grads["blocks"]["ln"]["scale"] = c * scale  # parallel to each block, of different sizes
+    tx = ol.lars(0.1, layer_order=order, layer_axis={"blocks": 0})
+    u, _ = tx.update(grads, tx.init(params), params)
+    # Per block: a step of the block's own norm, -0.1 * scale_b (shrinking: no cap). One
+    # float32 normalisation of a 4-vector: a few eps.
+    np.testing.assert_allclose(u["blocks"]["ln"]["scale"], -0.1 * scale, rtol=1e-6)
