@@ -12,7 +12,7 @@ Tolerances (float32, eps = 2**-23 ≈ 1.2e-7): a per-layer reduction over n ≤ 
 relative error ≤ n·eps ≈ 8e-6 in the worst case and ~√n·eps ≈ 1e-6 typically; one Layca or
 LARS step from the *same* params and gradient combines a handful of such reductions, so one
 step agrees to 3e-6 relative per leaf (the bound used throughout ``test_layca.py``). Adam's
-moments kept in float32 over T steps add ≤ T·eps relative each (T = 30: 4e-6), hence 1e-5
+moments kept in float32 over T steps add ≤ T·eps relative each (T = 20: 2.4e-6), hence 1e-5
 where a float32 Adam state is carried.
 """
 
@@ -177,7 +177,7 @@ def test_layca_sgd_is_the_authors(kind, alpha):
     tx = ol.layca(lr, base=base, alpha=alpha, min_step_norm=KERAS_EPS, parallel_tol=0.0)
     ref = AuthorsKerasLayca(kind, lr, authors_multipliers(NAMES, alpha))
     p0 = _f32(P0)
-    final = _compare_steps(tx, ref, p0, lambda t, p: _mlp_grads(p), 25, tol=3e-6)
+    final = _compare_steps(tx, ref, p0, lambda t, p: _mlp_grads(p), 15, tol=3e-6)
     for name in NAMES:  # frozen bit for bit
         np.testing.assert_array_equal(final[name]["bias"], p0[name]["bias"])
     assert not np.allclose(final["Dense_0"]["kernel"], p0["Dense_0"]["kernel"])
@@ -187,8 +187,8 @@ def test_layca_adam_is_the_authors_with_the_keras_recipe():
     lr = 0.02
     tx = ol.layca(lr, base=keras_adam_direction(), min_step_norm=KERAS_EPS, parallel_tol=0.0)
     ref = AuthorsKerasLayca("adam", lr, {})
-    # float32 Adam moments carried over 30 steps: 1e-5 (module docstring).
-    _compare_steps(tx, ref, _f32(P0), lambda t, p: _mlp_grads(p), 30, tol=1e-5)
+    # float32 Adam moments carried over 20 steps: 1e-5 (module docstring).
+    _compare_steps(tx, ref, _f32(P0), lambda t, p: _mlp_grads(p), 20, tol=1e-5)
 
 
 def test_layca_authors_absolute_guard():
@@ -292,7 +292,7 @@ def test_adam_direction_keras_epsilon():
 
 
 def test_alpha_multipliers_are_the_authors():
-    for alpha, n in itertools.product([-0.8, -0.3, 0.0, 0.4, 0.8], [2, 5, 11]):
+    for alpha, n in itertools.product([-0.8, -0.3, 0.0, 0.4, 0.8], [2, 11]):
         names = [f"Dense_{i}" for i in range(n)]
         want = np.array(list(authors_multipliers(names, alpha).values()))
         # float32 power of an exactly representable base: ≤ a few eps relative.
@@ -365,9 +365,9 @@ def test_gradient_norm_estimator_keys_one_trace_and_errors():
     assert len(traces) == 2  # no retrace
     # By hand: one key per batch, split from `key`, batches 32, 32, 6.
     keys = jax.random.split(key, 3)
-    total = lambda p, b, k: jnp.sum(dropout_loss(p, b, k))
+    grad = jax.jit(jax.grad(lambda p, b, k: jnp.sum(dropout_loss(p, b, k))))
     norms = [
-        ol.rotation.layer_norms(jax.grad(total)(params, (x[s:s + 32], y[s:s + 32]), k))
+        ol.rotation.layer_norms(grad(params, (x[s:s + 32], y[s:s + 32]), k))
         for s, k in zip((0, 32, 64), keys)
     ]
     for path in got:
