@@ -113,11 +113,6 @@ class LeafLayout:
     stack_axis: int | None
     reduce_axes: tuple[int, ...]
 
-    def num_stacked(self, shape: Sequence[int]) -> int:
-        if not self.is_layer:
-            return 0
-        return 1 if self.stack_axis is None else int(shape[self.stack_axis])
-
 
 @dataclasses.dataclass(frozen=True)
 class Layering:
@@ -517,8 +512,9 @@ def module_layer_depths(params: Any, layering: Layering, depth: Any) -> Any:
     """``depth`` with each non-layer leaf given the depth of the layer of its module.
 
     A bias ``Dense_3/bias`` takes the depth of ``Dense_3/kernel``, as the authors' SGD and
-    LARS give every weight of a Keras layer that layer's multiplier; a leaf whose module has
-    no layer (a norm's scale) keeps -1. Under a stack the bias takes the per-block depths.
+    LARS give every weight of a Keras layer that layer's multiplier (a module holding several
+    layers lends the first in ``jax.tree`` order); a leaf whose module has no layer (a norm's
+    scale) keeps -1. Under a stack the bias takes the per-block depths.
     """
     flat = jtu.tree_flatten_with_path(params)[0]
     layouts = layering.layouts(params)
