@@ -25,6 +25,7 @@ from ._layers import default_is_layer as default_is_layer
 from ._layers import forward_order as forward_order
 from ._layers import layer_paths as layer_paths
 from ._layers import natural_order as natural_order
+from ._layers import natural_order_is_forward as natural_order_is_forward
 from ._layers import path_str as path_str
 from ._multipliers import ScaleByLayerMultipliersState as ScaleByLayerMultipliersState
 from ._multipliers import layer_multipliers as layer_multipliers

@@ -217,16 +217,23 @@ class Reference:
     """Layca (or the LARS variant) on an MLP-shaped params dict, one step at a time (float64).
 
     Layers are the kernels ``Dense_i/kernel`` in index order; ``‖w⁰‖`` is taken from
-    ``params0``. Biases follow ``non_layer`` (``"base"``: ``w -= lr * s``; ``"freeze"``: kept).
+    ``params0``. Biases follow ``non_layer`` (``"base"``: ``w -= lr * s``; ``"freeze"``: kept;
+    ``"normalize"``: the LARS step of their own norm at their layer's rate; default: the
+    library's, ``"freeze"`` for Layca and ``"normalize"`` for LARS, as in the authors' code).
     ``step(params, grads)`` may be fed any params (e.g. the library's, to check one step).
     """
 
     def __init__(
-        self, params0, lr, alpha=0.0, direction="sgd", variant="layca", non_layer="base", lr_at=None
+        self, params0, lr, alpha=0.0, direction="sgd", variant="layca", non_layer=None, lr_at=None
     ):
+        if non_layer is None:
+            non_layer = "freeze" if variant == "layca" else "normalize"
         self.names = sorted(params0, key=lambda k: int(k.split("_")[1]))
         self.w0 = {
             k: np.linalg.norm(np.asarray(params0[k]["kernel"], np.float64)) for k in self.names
+        }
+        self.b0 = {
+            k: np.linalg.norm(np.asarray(params0[k]["bias"], np.float64)) for k in self.names
         }
         self.opt = NumpyAdam() if direction == "adam" else NumpySGD()
         self.lr, self.alpha, self.variant, self.non_layer = lr, alpha, variant, non_layer
@@ -244,7 +251,11 @@ class Reference:
             rho = eq1_multiplier(self.alpha, l, L) * eta
             fn = layca_step_np if self.variant == "layca" else lars_step_np
             kernel = fn(p[k]["kernel"], s[k]["kernel"], self.w0[k], rho)
-            bias = p[k]["bias"] - eta * s[k]["bias"] if self.non_layer == "base" else p[k]["bias"]
+            bias = p[k]["bias"]
+            if self.non_layer == "base":
+                bias = bias - eta * s[k]["bias"]
+            elif self.non_layer == "normalize":
+                bias = lars_step_np(bias, s[k]["bias"], self.b0[k], rho)
             new[k] = {"kernel": kernel, "bias": bias}
         return new
 
@@ -257,7 +268,7 @@ def reference_run(
     alpha=0.0,
     direction="sgd",
     variant="layca",
-    non_layer="base",
+    non_layer=None,
     lr_at=None,
 ):
     """``steps`` free-running steps of :class:`Reference`; returns params after every step
