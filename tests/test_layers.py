@@ -284,7 +284,7 @@ def test_forward_order_is_layer_and_errors():
     apply = lambda p, x: x @ p["b"] @ p["a"]
     assert ol.forward_order(apply, params, jnp.ones((1, 2))) == ("b", "a")
     assert ol.forward_order(apply, params, jnp.ones((1, 2)), is_layer=["a"]) == ("a",)
-    with pytest.raises(ValueError, match="no layer found"):
+    with pytest.raises(ValueError, match="No layer found"):
         ol.forward_order(lambda p, x: x, {"bias": jnp.ones(2)}, jnp.ones(2))
 
 
