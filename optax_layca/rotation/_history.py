@@ -166,7 +166,7 @@ class RotationHistory:
         figures, monitor = _figures_of(opt_state_or_figures)
         initial = None if monitor is None else dict(monitor.initial_layers)
         if monitor is not None and self._frozen is None:
-            self._check_frozen(monitor.zero_initial_norm)
+            self._check_frozen(monitor.zero_initial_layer_norm)
         if extra:
             figures.update({str(k): dict(v) for k, v in extra.items()})
         names = tuple(figures)
@@ -201,9 +201,9 @@ class RotationHistory:
             self._record_epoch(int(epoch), unwrap_variables(params), initial)
         return True
 
-    def _check_frozen(self, zero_initial_norm: Mapping[str, Any]) -> None:
+    def _check_frozen(self, zero_initial_layer_norm: Mapping[str, Any]) -> None:
         """Reads the monitor's zero-norm flags once (one small device sync) and warns."""
-        flags = jax.device_get(dict(zero_initial_norm))
+        flags = jax.device_get(dict(zero_initial_layer_norm))
         self._frozen = natural_order(p for p, f in flags.items() if np.any(f))
         if self._frozen:
             warnings.warn(

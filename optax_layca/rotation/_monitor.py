@@ -51,7 +51,7 @@ class TrackRotationState(NamedTuple):
       weight_norm: norm of the parameters after the last update (``‖w⁰‖`` at init).
       update_norm: norm of the final update.
       tracked_state: state of the wrapped transform (``optax.EmptyState()`` when none).
-      zero_initial_norm: ``{layer path: bool}``, ``‖w⁰‖ == 0`` (per stacked layer/unit).
+      zero_initial_layer_norm: ``{layer path: bool}``, ``‖w⁰‖ == 0`` (per stacked layer/unit).
         Such a layer has no direction at init: its cosine distance and step angles are
         reported as 0 by convention, and under a norm-pinning transform (Layca, AdaptCopy) it
         never trains. :class:`RotationHistory` lists these layers (``frozen_layers``) and warns.
@@ -67,7 +67,7 @@ class TrackRotationState(NamedTuple):
     weight_norm: dict
     update_norm: dict
     tracked_state: Any
-    zero_initial_norm: dict
+    zero_initial_layer_norm: dict
 
 
 _CANCEL = 1e-3  # one-pass ‖x_⊥‖² below this fraction of ‖x‖²: recompute it explicitly
@@ -232,7 +232,7 @@ def track_rotation(
             weight_norm={lo.path: squeeze_reduced(norms[lo.path], lo) for lo, _ in layers},
             update_norm=zeros(),
             tracked_state=inner.init(params),
-            zero_initial_norm={
+            zero_initial_layer_norm={
                 lo.path: squeeze_reduced(norms[lo.path] == 0, lo) for lo, _ in layers
             },
         )
@@ -303,7 +303,7 @@ def track_rotation(
             initial_layers=state.initial_layers,
             initial_layer_norm=state.initial_layer_norm,
             tracked_state=inner_state,
-            zero_initial_norm=state.zero_initial_norm,
+            zero_initial_layer_norm=state.zero_initial_layer_norm,
             **figs,
         )
         return updates, new_state
