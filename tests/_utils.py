@@ -319,3 +319,23 @@ def reference_run(
 
 def to_jax(params):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def nnx_mlp(sizes, names, seed=0):
+    """A flax.nnx MLP (tanh between layers) whose ``nnx.Linear`` layers are the attributes
+    ``names``, in forward order (names that sort against it test the forward order)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            for name, (m, n) in zip(names, itertools.pairwise(sizes)):
+                setattr(self, name, nnx.Linear(m, n, rngs=rngs))
+
+        def __call__(self, x):
+            for i, name in enumerate(names):
+                x = getattr(self, name)(x)
+                x = jnp.tanh(x) if i < len(names) - 1 else x
+            return x
+
+    return MLP(nnx.Rngs(seed))

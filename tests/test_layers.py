@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from _utils import natural
+from _utils import natural, nnx_mlp
 from flax import nnx
 
 import optax_layca as ol
@@ -27,7 +27,7 @@ def test_path_str_and_nnx_value_key():
 
 
 def test_nnx_init_and_update_paths_agree():
-    model = TinyNnx(nnx.Rngs(0))
+    model = nnx_mlp((3, 4, 2), ("z_in", "a_out"))
     state = nnx.state(model, nnx.Param)  # Variable leaves: paths end in .value
     raw = [p for p, _ in jtu.tree_flatten_with_path(state)[0]]
     assert any(isinstance(k, jtu.GetAttrKey) and k.name == "value" for k in raw[0])
@@ -190,17 +190,8 @@ def test_forward_order_cnn_with_residual_shortcut():
     assert ol.natural_order(order) != order
 
 
-class TinyNnx(nnx.Module):
-    def __init__(self, rngs):
-        self.z_in = nnx.Linear(3, 4, rngs=rngs)
-        self.a_out = nnx.Linear(4, 2, rngs=rngs)
-
-    def __call__(self, x):
-        return self.a_out(nnx.relu(self.z_in(x)))
-
-
 def test_forward_order_nnx():
-    model = TinyNnx(nnx.Rngs(0))
+    model = nnx_mlp((3, 4, 2), ("z_in", "a_out"))
     graphdef, state = nnx.split(model, nnx.Param)
     x = jnp.ones((1, 3))
     order = ol.forward_order(lambda s, x: nnx.merge(graphdef, s)(x), state, x)

@@ -18,6 +18,7 @@ from _utils import (
     init_mlp,
     mlp_data,
     mlp_loss_jax,
+    nnx_mlp,
 )
 from flax import nnx
 from flax.training import train_state
@@ -159,19 +160,9 @@ def test_flax_linen_train_state():
         )
 
 
-class NnxMLP(nnx.Module):
-    def __init__(self, rngs):
-        # Attribute names sort against the forward order: z -> m -> a.
-        self.z_in = nnx.Linear(5, 6, rngs=rngs)
-        self.m_mid = nnx.Linear(6, 6, rngs=rngs)
-        self.a_out = nnx.Linear(6, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.a_out(jnp.tanh(self.m_mid(jnp.tanh(self.z_in(x)))))
-
-
 def test_nnx_optimizer_with_forward_order():
-    model = NnxMLP(nnx.Rngs(0))
+    # Attribute names sort against the forward order: z -> m -> a.
+    model = nnx_mlp(SIZES, ("z_in", "m_mid", "a_out"))
     graphdef, state = nnx.split(model, nnx.Param)
     order = ol.forward_order(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
     assert order == ("z_in/kernel", "m_mid/kernel", "a_out/kernel")

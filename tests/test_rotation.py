@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _utils import init_mlp, mlp_class_data, mlp_xent_jax
+from _utils import init_mlp, mlp_class_data, mlp_xent_jax, nnx_mlp
 
 import optax_layca as ol
 from optax_layca import RotationHistory, track_rotation
@@ -417,16 +417,8 @@ def test_monitor_with_flax_linen():
 def test_monitor_with_flax_nnx():
     from flax import nnx
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.l1 = nnx.Linear(6, 8, rngs=rngs)
-            self.l2 = nnx.Linear(8, 3, rngs=rngs)
-
-        def __call__(self, x):
-            return self.l2(jnp.tanh(self.l1(x)))
-
     x, y = data()
-    model = Net(nnx.Rngs(0))
+    model = nnx_mlp((6, 8, 3), ("l1", "l2"))
     w0 = np.asarray(model.l1.kernel[...])
     rho = 0.05
     opt = nnx.Optimizer(model, optax.chain(ol.layca(rho), track_rotation()), wrt=nnx.Param)
