@@ -130,3 +130,11 @@ def entry(request) -> Entry:
 def mlp_params() -> dict:
     """The contract problem's params (float32 numpy, ``Dense_i/{kernel,bias}``)."""
     return init_mlp(SIZES, seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebooks (collected by nbmake) are end-to-end runs: ``slow``, like the tests marked
+    ``@pytest.mark.slow``."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
