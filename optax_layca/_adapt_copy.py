@@ -193,6 +193,16 @@ def _rate_to_reach(
     return jnp.tan(theta)
 
 
+def _check_args(past_end, target, max_angle, parallel_tol, non_layer_learning_rate) -> None:
+    check_choice(past_end, PAST_END, "adapt_copy(past_end=...)")
+    check_choice(target, TARGETS, "adapt_copy(target=...)")
+    check_number(max_angle, "adapt_copy(max_angle=...)", low=0.0, high=np.pi / 2,
+                 low_open=True, high_open=True)
+    check_layering_args("adapt_copy", parallel_tol)
+    if non_layer_learning_rate is not None:
+        check_learning_rate(non_layer_learning_rate, "adapt_copy(non_layer_learning_rate=...)")
+
+
 def scale_by_adapt_copy(
     history_or_table: RotationRecord | Mapping[str, Any],
     *,
@@ -210,13 +220,8 @@ def scale_by_adapt_copy(
 
     The step-direction part of :func:`adapt_copy` (no ``base``); see there.
     """
-    check_choice(past_end, PAST_END, "adapt_copy(past_end=...)")
-    check_choice(target, TARGETS, "adapt_copy(target=...)")
-    check_number(max_angle, "adapt_copy(max_angle=...)", low=0.0, high=np.pi / 2,
-                 low_open=True, high_open=True)
-    check_layering_args("adapt_copy", parallel_tol)
+    _check_args(past_end, target, max_angle, parallel_tol, non_layer_learning_rate)
     if non_layer_learning_rate is not None:
-        check_learning_rate(non_layer_learning_rate, "adapt_copy(non_layer_learning_rate=...)")
         non_layer_learning_rate = guard_rate(non_layer_learning_rate)
     angles = _step_table(history_or_table, target, steps_per_epoch)
     num_steps = next(iter(angles.values())).shape[0]

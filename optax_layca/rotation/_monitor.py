@@ -55,6 +55,9 @@ class TrackRotationState(NamedTuple):
         Such a layer has no direction at init: its cosine distance and step angles are
         reported as 0 by convention, and under a norm-pinning transform (Layca, AdaptCopy) it
         never trains. :class:`RotationHistory` lists these layers (``frozen_layers``) and warns.
+
+    The figures are keyed by layer path, not shaped like params, so ``optax.tree.map_params``
+    (e.g. to build sharding specs) does not apply to this state; ``jax.tree.map`` does.
     """
 
     rotation_step: jax.Array
@@ -125,6 +128,23 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     ab = a * b
     cos_dist = jnp.where(ab > 0, jnp.clip(tangential2 / jnp.where(ab > 0, 2.0 * ab, 1.0), 0, 2), 0)
     return step, cos_dist, jnp.sqrt(gg), b, jnp.sqrt(uu)
+
+
+def check_layers_like_init(layers: list, initial_layers: dict) -> None:
+    """Raises naming the layers that differ (in path or shape) from those seen at ``init``."""
+    known = set(initial_layers)
+    seen = {lo.path for lo, _ in layers}
+    if seen != known:
+        raise ValueError(
+            "`track_rotation`: the layers of params differ from those seen at init. "
+            f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
+        )
+    for lo, x in layers:
+        if shape_of(x) != shape_of(initial_layers[lo.path]):
+            raise ValueError(
+                f"`track_rotation`: layer {lo.path!r} has shape {shape_of(x)}, but "
+                f"{shape_of(initial_layers[lo.path])} at init."
+            )
 
 
 def track_rotation(
@@ -244,19 +264,7 @@ def track_rotation(
         check_same_shapes(updates, params, "updates")
         # checked before the wrapped optimizer runs: its own tree errors name no leaf
         layers = layers_of(params)
-        known = set(state.initial_layers)
-        seen = {lo.path for lo, _ in layers}
-        if seen != known:
-            raise ValueError(
-                "`track_rotation`: the layers of params differ from those seen at init. "
-                f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
-            )
-        for lo, x in layers:
-            if shape_of(x) != shape_of(state.initial_layers[lo.path]):
-                raise ValueError(
-                    f"`track_rotation`: layer {lo.path!r} has shape {shape_of(x)}, but "
-                    f"{shape_of(state.initial_layers[lo.path])} at init."
-                )
+        check_layers_like_init(layers, state.initial_layers)
         grads = updates
         if isinstance(inner, optax.GradientTransformationExtraArgs):
             updates, inner_state = inner.update(updates, state.tracked_state, params, **extra_args)
