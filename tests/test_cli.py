@@ -24,6 +24,7 @@ def demo(tmp_path_factory):
         return out, json.load(f)
 
 
+@pytest.mark.slow
 def test_demo_writes_every_file(demo):
     out, results = demo
     for name in (
@@ -105,6 +106,7 @@ def test_layca_rotates_more_and_more_uniformly_than_sgd(demo):
     assert cv(layca) < cv(sgd)
 
 
+@pytest.mark.slow
 def test_same_seed_same_results(demo, tmp_path):
     _, results = demo
     assert cli.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0  # demo is default
@@ -163,6 +165,7 @@ def test_bad_npz_exits_2(capsys, tmp_path):
         assert msg in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_good_npz_and_other_models_run(tmp_path):
     """A user's .npz trains end to end (only two optimizers, one epoch, to stay quick)."""
     rng = np.random.default_rng(0)
@@ -178,6 +181,7 @@ def test_good_npz_and_other_models_run(tmp_path):
     assert res["optimizers"]["layca"]["final"]["train_acc"] > 0.6
 
 
+@pytest.mark.slow
 def test_sweep_quick(tmp_path):
     out = tmp_path / "sweep"
     argv = [
@@ -229,6 +233,7 @@ def test_python_dash_m_help():
     assert "demo" in proc.stdout and "sweep" in proc.stdout and "lca" in proc.stdout
 
 
+@pytest.mark.slow
 def test_lca_quick(tmp_path):
     out = tmp_path / "lca"
     assert cli.main(["lca", "--quick", "--no-progress", "--iters", "12", "--out", str(out)]) == 0

@@ -60,6 +60,7 @@ def stored_iterations(directory: Path) -> int:
         1 for _ in directory.glob("chunk_*.npz"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kills", [3])
 def test_sigkill_mid_run_then_resume(tmp_path, kills):
     reference = tmp_path / "reference.npy"
