@@ -364,7 +364,10 @@ def check_like_init(tree: Any, per_layer: Any, layering: Layering, where: str) -
         lo = layering.layout(path_str(p), x)
         shape, ref_shape = shape_of(x), shape_of(ref)
         if not lo.is_layer:
-            same = ref_shape == ()
+            # a 0-d placeholder, or a whole-tensor norm kept per block (``non_layer="normalize"``)
+            same = ref_shape == () or (
+                len(ref_shape) == len(shape) and all(r in (1, n) for n, r in zip(shape, ref_shape))
+            )
         else:
             same = len(ref_shape) == len(shape) and all(
                 r in (1, n) and (r == n or i in lo.reduce_axes)
