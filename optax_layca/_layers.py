@@ -656,7 +656,7 @@ def module_layer_depths(params: Any, layering: Layering, depth: Any) -> Any:
             continue
         kernel, kd = owner[module_of(lo.path)]
         if kernel.stack_axis is None:
-            out.append(kd)
+            out.append(jnp.copy(kd))  # its own buffer: a state sharing one cannot be donated
             continue
         shape, n = shape_of(x), np.size(kd)
         if len(shape) <= kernel.stack_axis or shape[kernel.stack_axis] != n:

@@ -307,3 +307,19 @@ def test_contract_problem_is_well_posed(mlp_params):
     g = jax.grad(loss)(mlp_params, t)
     assert_trees_close(g, jax.tree.map(lambda a, b: a - b, mlp_params, t), rtol=1e-6)
     assert tuple(np.shape(mlp_params["Dense_0"]["kernel"])) == SIZES[:2]
+
+
+def test_state_can_be_donated(entry, problem):
+    """Every state leaf owns its buffer: a jitted step may donate params and state (XLA refuses
+    to donate one buffer twice, e.g. a depth array shared by a kernel and its bias)."""
+    params, _, g = problem
+    tx = entry.make()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    p, s = step(jax.tree.map(jnp.copy, params), tx.init(params))
+    p, s = step(p, s)
+    assert_tree_finite(p)
