@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from optax_layca import lca
+
 CHILD = r"""
 import sys, time
 import numpy as np
@@ -52,6 +54,7 @@ def run_child(directory, out, delay, wait=True):
     if wait:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
+        proc.stderr_text = err
     return proc
 
 
@@ -82,11 +85,21 @@ def test_sigkill_mid_run_then_resume(tmp_path, kills):
         proc.stdout.close()
         proc.stderr.close()
 
+    # the killed writers left a consistent prefix, readable without touching the directory
+    assert (directory / "LOCK").exists()  # the last writer died holding it
+    before = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    partial = lca.load_trajectory(directory)
+    assert 0 < len(partial) < STEPS
+    assert partial.iterations.tolist() == list(range(len(partial)))
+    assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == before
+
     resumed = tmp_path / "resumed.npy"
-    run_child(directory, resumed, 0.0)
+    proc = run_child(directory, resumed, 0.0)
+    assert "Took over the stale lock" in proc.stderr_text  # the dead writer's lock
     ref, got = np.load(reference), np.load(resumed)
     np.testing.assert_array_equal(got[:, 0], np.arange(STEPS))  # no iteration lost or doubled
     np.testing.assert_array_equal(got, ref)  # same numbers as the uninterrupted run
     for f in directory.rglob("*.npz"):  # every remaining file is a complete archive
         with zipfile.ZipFile(f) as z:
             assert z.testzip() is None, f
+    assert not (directory / "LOCK").exists()  # released by the finished writer

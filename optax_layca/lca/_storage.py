@@ -65,6 +65,7 @@ SCALARS = (
     "num_splits",
     "converged",
 )
+RECORD_KEYS = HEADER_KEYS + ("per_leaf",) + SCALARS
 
 
 class LCAStorageError(ValueError):
@@ -131,22 +132,33 @@ def read_json(path: Path, what: str) -> dict:
     return obj
 
 
+def _read_open_npz(f: Any, path: Path, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    if keys is None:  # a full read checks every entry's CRC-32 (np.load may stop short)
+        with zipfile.ZipFile(f) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            raise LCAStorageError(
+                f"Record file {str(path)!r} is corrupt: entry {bad!r} fails its CRC-32 check."
+            )
+        f.seek(0)
+    with np.load(f, allow_pickle=False) as z:
+        names = set(z.files)
+        missing = [k for k in (keys or RECORD_KEYS) if k not in names]
+        if missing:
+            raise LCAStorageError(
+                f"Record file {str(path)!r} lacks the entries {missing} (not an LCA record)."
+            )
+        return {k: z[k] for k in (keys or z.files)}
+
+
 def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """The arrays of one record file (all, or only ``keys``), or a clear error naming it."""
     try:
-        if path.stat().st_size == 0:
-            raise LCAStorageError(f"Record file {str(path)!r} is empty (0 bytes).")
-        with np.load(path, allow_pickle=False) as z:
-            names = set(z.files)
-            missing = [k for k in (keys or HEADER_KEYS) if k not in names]
-            if missing:
-                raise LCAStorageError(
-                    f"Record file {str(path)!r} lacks the entries {missing} (not an LCA record)."
-                )
-            return {k: z[k] for k in (keys or z.files)}
-    except FileNotFoundError:
-        raise
-    except LCAStorageError:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise LCAStorageError(f"Record file {str(path)!r} is empty (0 bytes).")
+            return _read_open_npz(f, path, keys)
+    except (FileNotFoundError, LCAStorageError):
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as err:
         raise LCAStorageError(
@@ -302,13 +314,32 @@ def _check_header(path: Path, arrays: dict, expected: np.ndarray, rid: str) -> N
         )
 
 
+def _check_shapes(path: Path, arrays: dict, rows: int | None, num_leaves: int) -> None:
+    """Every entry has one row per iteration (chunks); per-leaf entries have ``K`` columns."""
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        if rows is not None and v.shape[:1] != (rows,):
+            raise LCAStorageError(
+                f"Record file {str(path)!r}: entry {k!r} has shape {v.shape}, expected {rows} rows."
+            )
+        if k.endswith("per_leaf") and v.shape[-1:] != (num_leaves,):
+            raise LCAStorageError(
+                f"Record file {str(path)!r}: entry {k!r} has {v.shape[-1:]} leaves, the run "
+                f"{num_leaves}."
+            )
+
+
 def _rows(arrays: dict, n: int) -> list[dict]:
     return [{k: np.asarray(v)[i] for k, v in arrays.items()} for i in range(n)]
 
 
-def scan_records(directory: Path, rid: str, keys: tuple[str, ...] | None) -> dict[int, tuple]:
+def scan_records(directory: Path, manifest: dict, keys: tuple[str, ...] | None) -> dict[int, tuple]:
     """``{iteration: (record, path)}`` of every stored iteration (only ``keys`` of each;
-    all with None), each file verified against its name and the run id."""
+    all with None), each file verified against its name, its shapes and the run id."""
+    rid = manifest["run_id"]
+    num_leaves = len(manifest["identity"]["params"]["leaf_names"])
+    if keys is not None:
+        keys = tuple(dict.fromkeys(HEADER_KEYS + tuple(keys)))
     chunks, pending = _listing(directory)
     out: dict[int, tuple] = {}
     for a, b, path in chunks:
@@ -316,6 +347,7 @@ def scan_records(directory: Path, rid: str, keys: tuple[str, ...] | None) -> dic
             raise LCAStorageError(f"Chunk file {str(path)!r} has an empty range {a}…{b - 1}.")
         arrays = read_npz(path, keys)
         _check_header(path, arrays, np.arange(a, b), rid)
+        _check_shapes(path, arrays, b - a, num_leaves)
         for t, rec in zip(range(a, b), _rows(arrays, b - a)):
             if t in out:
                 raise LCAStorageError(
@@ -325,6 +357,7 @@ def scan_records(directory: Path, rid: str, keys: tuple[str, ...] | None) -> dic
     for t, path in sorted(pending.items()):
         arrays = read_npz(path, keys)  # FileNotFoundError: merged meanwhile (caller retries)
         _check_header(path, arrays, np.asarray([t]), rid)
+        _check_shapes(path, arrays, None, num_leaves)
         rec = _rows({k: np.asarray(v)[None] for k, v in arrays.items()}, 1)[0]
         if t in out:  # left over by a crash between a merge and the deletion: must agree
             if str(out[t][0]["params_after"]) != str(rec["params_after"]):
@@ -388,12 +421,10 @@ def read_run(directory: str | os.PathLike, keys: tuple[str, ...] | None = None):
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if keys is not None:
-        keys = tuple(dict.fromkeys(HEADER_KEYS + keys))
     for attempt in range(20):
         try:
             recorded = read_progress(directory, manifest)  # before listing: a lower bound
-            found = scan_records(directory, manifest["run_id"], keys)
+            found = scan_records(directory, manifest, keys)
             n = check_complete(directory, found, manifest, recorded)
             return manifest, [found[t][0] for t in range(n)]
         except FileNotFoundError as err:
@@ -427,10 +458,9 @@ class Store:
             raise
 
     def _load(self) -> None:
-        for tmp in [*self.dir.glob(".*.tmp"), *(self.dir / "pending").glob(".*.tmp")]:
+        for tmp in [*self.dir.glob("*.tmp"), *(self.dir / "pending").glob("*.tmp")]:
             tmp.unlink()  # half-written by a crashed writer (only the lock holder may clean)
-        rid = self.manifest["run_id"]
-        found = scan_records(self.dir, rid, ("loss_after",))
+        found = scan_records(self.dir, self.manifest, ("loss_after",))
         check_complete(self.dir, found, self.manifest, read_progress(self.dir, self.manifest))
         self.index = {t: rec for t, (rec, _) in found.items()}
         for t, path in _listing(self.dir)[1].items():

@@ -234,6 +234,17 @@ class LCARecorder:
         if iteration == n and iteration:
             self._check_loss_at = iteration
 
+    def check_initial_params(self, params: Any) -> None:
+        """Raises unless ``params`` are the stored run's initial parameters (``θ_0``)."""
+        if self._store is None or self._store.manifest is None:
+            return
+        stored = self._store.manifest["identity"]["params"].get("init_hash")
+        if stored != params_hash(params):
+            raise LCAStorageError(
+                f"`directory={str(self._store.dir)!r}` holds a different LCA run: it differs in "
+                "params.init_hash (another initialisation). Use a new directory."
+            )
+
     # ------------------------------------------------------------------ recording
 
     @property
@@ -385,6 +396,8 @@ def allocate_trajectory(
     rec = LCARecorder(loss_fn, data, directory=directory, **kwargs)
     try:
         first = min(rec.num_recorded, n - 1)
+        if first:
+            rec.check_initial_params(trajectory[0])
         rec.start(trajectory[first], iteration=first)
         steps = range(first + 1, n)
         if progress:
