@@ -21,7 +21,6 @@ SCRIPT = textwrap.dedent(
     for ndev in (1, 8):
         devs = jax.local_devices()[:ndev]
         ev = lca.Evaluator(loss_fn, (x, y), labels=y, batch_size=36, devices=devs)
-        assert ev.batch_size % ndev == 0
         hs = []
         for engines, strategy in (("grad", "reverse"), ("jvp", "jvp")):
             h = lca.allocate_trajectory(None, traj, ev, engines=engines,
@@ -30,6 +29,7 @@ SCRIPT = textwrap.dedent(
             hs.append(dict(per_layer=h.per_layer.tolist(), per_class=h.per_class.tolist(),
                            total=h.total.tolist(), loss_change=h.loss_change.tolist(),
                            num_splits=h.num_splits.tolist()))
+        assert ev.bn_mode == "inference" and ev.batch_size % ndev == 0  # padded to fill devices
         e = ev.evaluate(traj[0])
         batches = [(x[i:i + 30], y[i:i + 30]) for i in range(0, 100, 30)]  # last has 10
         eb = lca.Evaluator(loss_fn, batches, devices=devs).evaluate(traj[0])

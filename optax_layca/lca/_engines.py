@@ -161,6 +161,7 @@ class Kernels:
         self.step = jax.jit(self._step, static_argnames="q", donate_argnums=0)
         self.finish = jax.jit(self._finish, static_argnames="q")
         self.losses = jax.jit(self._losses)
+        self.coupling: dict = {}  # batch shape -> does padding change real rows' losses?
 
     # -------------------------------------------------------------- one batch
 

@@ -227,6 +227,7 @@ class Evaluator:
         self.loss_fn = loss_fn
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.mesh = Mesh(np.array(self.devices), ("batch",))
+        self._default_device_only = self.devices == jax.devices()[:1]
         self._replicated = NamedSharding(self.mesh, P())
         self.kind = _kind(data)
         self.num_evaluations = 0  # full-dataset passes so far (for tests and benchmarks)
@@ -279,7 +280,10 @@ class Evaluator:
         _check_finite(host, "`data`")
         self._host_data = host if self.labels is None else (host, self.labels)
         self.num_examples = n
-        self.batch_size = min(self.options.batch_size or DEFAULT_BATCH_SIZE, n)
+        if self.options.batch_size is None:  # as few batches as fit, equal sizes: no padding waste
+            self.batch_size = math.ceil(n / math.ceil(n / DEFAULT_BATCH_SIZE))
+        else:
+            self.batch_size = min(self.options.batch_size, n)
         self.requested_batch_size = self.batch_size
 
     def _init_batches(self):
@@ -317,7 +321,19 @@ class Evaluator:
     # ------------------------------------------------------------------ bn_mode
 
     def _coupled(self, params: Any, rows: Any, m: int, b: int, fill: Any) -> bool:
-        """Do the losses of the ``m`` real rows of ``rows`` change with the padding?"""
+        """Do the losses of the ``m`` real rows of ``rows`` change with the padding?
+
+        Coupling is a property of the loss function's structure (BatchNorm on the batch), so
+        the answer is cached with the compiled kernels, per batch shape.
+        """
+        key = (jax.tree.structure(rows), m, b) + tuple(
+            (np.shape(x)[1:], np.dtype(x.dtype).str) for x in jax.tree.leaves(rows)
+        )
+        if key not in self.kernels.coupling:
+            self.kernels.coupling[key] = self._padding_changes_losses(params, rows, m, b, fill)
+        return self.kernels.coupling[key]
+
+    def _padding_changes_losses(self, params, rows, m, b, fill) -> bool:
         first = jax.tree.map(lambda x, f: _pad_rows(x[:m], b, f[:1]), rows, fill)
 
         def shifted(x):  # the padding rows' floating values moved by 1
@@ -381,9 +397,10 @@ class Evaluator:
         return jax.device_put(tree, self._replicated)
 
     def _put(self, base, delta, s):
-        base = jax.device_put(base, self._replicated)
-        delta = jax.device_put(delta, self._replicated)
-        return base, delta, jax.device_put(jnp.asarray(s, jnp.float32), self._replicated)
+        s = np.float32(s)
+        if self._default_device_only:  # jit places its inputs itself: no per-leaf device_put
+            return base, delta, s
+        return self.replicate(base), self.replicate(delta), self.replicate(s)
 
     def _run_arrays(self, base, delta, s, q):
         self.prepare(base)

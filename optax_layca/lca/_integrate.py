@@ -76,6 +76,11 @@ def _weighted_product(weights, trees, delta):
 
 
 @jax.jit
+def _scaled(tree, factor):
+    return jax.tree.map(lambda g: g * factor, tree)
+
+
+@jax.jit
 def _weighted_sum(weights, trees):
     return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *trees)
 
@@ -102,7 +107,7 @@ class _Integrand:
         classes = None if self.classes is None else self.classes + other.classes
         grads = self.grads + other.grads
         if len(grads) > 4:  # bound the number of live gradient pytrees
-            weights = jnp.asarray([c for c, _ in grads], jnp.float32)
+            weights = np.asarray([c for c, _ in grads], np.float32)
             grads = [(1.0, _weighted_sum(weights, [g for _, g in grads]))]
         return _Integrand(self.layers + other.layers, classes, self.abs + other.abs, grads)
 
@@ -166,7 +171,7 @@ def _per_param(ev: Evaluator, integral: _Integrand, delta: Any, n: int) -> Any:
     if not integral.grads:
         return None
     delta = ev.replicate(delta)
-    weights = jnp.asarray([c / n for c, _ in integral.grads], jnp.float32)
+    weights = np.asarray([c / n for c, _ in integral.grads], np.float32)
     return _weighted_product(weights, [g for _, g in integral.grads], delta)
 
 
@@ -183,8 +188,7 @@ def _result(track, pt0, pt1, integral, delta, splits, opts, names) -> LCAResult:
         class_change = (pt1.class_loss - pt0.class_loss) / n
     grad_before = None
     if track.q.grad:
-        inv = jnp.float32(1.0 / n)
-        grad_before = jax.tree.map(lambda g: g * inv, pt0.carry["grad"])
+        grad_before = _scaled(pt0.carry["grad"], np.float32(1.0 / n))
     return LCAResult(
         per_param=_per_param(track.ev, integral, delta, n),
         per_leaf={k: float(v) for k, v in zip(names, per_leaf)},
