@@ -124,3 +124,85 @@ def test_halving_reuses_points():
     assert r.num_splits == 8
     # start + end + midpoint, then 2 + 4 new points: n + 1 = 9 distinct points, none twice
     assert ev.num_evaluations == 9
+
+
+def _big_linreg(scale, n=1000, d=50, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (scale * rng.normal(size=n)).astype(np.float32)
+    p0 = jnp.zeros(d)
+    p1 = jnp.asarray(rng.normal(size=d) * 0.01 * scale, jnp.float32)
+    loss = lambda p, b: 0.5 * (b[0] @ p - b[1]) ** 2
+    return x, y, p0, p1, loss
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0, 1e4])
+def test_noise_floor_bounds_rounding_and_stops_halving(scale):
+    """A quadratic loss: Simpson is exact, so any error is float32 rounding. With losses of
+    ~5e7 the rounding (~0.3) exceeds tol = 1e-3; v0.1 halved to its cap (65 passes) chasing it."""
+    x, y, p0, p1, loss = _big_linreg(scale)
+    ev = lca.Evaluator(loss, (x, y), batch_size=128)
+    r = lca.allocate(None, p0, p1, ev)
+    assert r.num_splits == 2 and ev.num_evaluations == 3
+    assert abs(r.error) <= r.noise_floor and r.converged
+    # the measured change is accurate to the floor's first term: (u32 + N u64)(S0 + S1)/N
+    xd, yd = x.astype(np.float64), y.astype(np.float64)
+    ell = lambda p: 0.5 * (xd @ np.asarray(p, np.float64) - yd) ** 2
+    exact = ell(p1).mean() - ell(p0).mean()
+    measured_floor = (2.0**-24 + len(y) * 2.0**-53) * (ell(p0).sum() + ell(p1).sum()) / len(y)
+    assert abs(r.loss_change - exact) <= measured_floor <= r.noise_floor
+    # a tolerance below the floor is no reason to halve either
+    assert lca.allocate(None, p0, p1, ev, tol=1e-12).num_splits == 2
+
+
+def test_relative_error_is_defined_when_the_loss_does_not_change():
+    data = np.ones((4, 1), np.float32)
+    loss = lambda p, b: b[:, 0] * jnp.sum(p**2)  # even: L(−1) = L(1)
+    r = lca.allocate(loss, -jnp.ones(2), jnp.ones(2), data)
+    assert r.loss_change == 0.0 and np.isfinite(r.relative_error)
+    assert abs(r.relative_error) <= 1.0  # error within the noise floor
+    same = lca.allocate(loss, jnp.ones(2), jnp.ones(2), data)
+    assert same.loss_change == 0.0 and same.error == 0.0 and same.relative_error == 0.0
+    h = lca.stack_results([r, same])
+    assert np.isfinite(h.summary()["cumulative_error_pct"])
+
+
+def test_joint_train_test_lca_and_test_error_in_the_halving():
+    """θ⁵ from 0 to 1: the training loss is scaled by 1e-3 (its RK4 error 4e-5 < tol), the test
+    loss is not (RK4 error 0.042): the authors' criterion max(|err_train|, |err_test|) halves."""
+    loss = lambda p, b: b[:, 0] * jnp.sum(p**5)
+    train, test = np.full((3, 1), 1e-3, np.float32), np.ones((2, 1), np.float32)
+    p0, p1 = jnp.zeros(1), jnp.ones(1)
+    r = lca.allocate(loss, p0, p1, train, test_data=test)
+    assert r.num_splits == 8 and r.converged and r.test.converged
+    np.testing.assert_allclose(r.test.loss_change, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(r.loss_change, 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(r.test.error, -((1 / 8) ** 4) * 2 / 3, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(r.test.per_param), 1 + (1 / 8) ** 4 * 2 / 3, rtol=1e-5)
+    only_train = lca.allocate(loss, p0, p1, train, test_data=test, refine_on_test=False)
+    assert only_train.num_splits == 2 and not only_train.test.converged
+    np.testing.assert_allclose(only_train.test.error, -((1 / 2) ** 4) * 2 / 3, rtol=2e-3)
+
+
+def test_joint_lca_with_classes_and_a_recorder():
+    x, y = _linreg(n=60, seed=2)
+    xt, yt = _linreg(n=30, seed=3)
+    labels, test_labels = (x[:, 0] > 0).astype(np.int32), (xt[:, 0] > 0).astype(np.int32)
+    p = [{"w": jnp.full(5, v, jnp.float32), "b": jnp.float32(v)} for v in (0.0, 0.1, 0.25)]
+    rec = lca.LCARecorder(_linreg_loss, (x, y), labels=labels, test_data=(xt, yt),
+                          test_labels=test_labels, class_strategy="reverse")
+    rec.start(p[0])
+    for q in p[1:]:
+        rec(q)
+    h = rec.history()
+    assert h.test is not None and h.test.per_class_leaf.shape == (2, 2, 2)
+    # endpoint reuse on both sets (direction-free per-class gradients): start + 2 points per
+    # step, on train and on test
+    assert rec.evaluators[0].num_evaluations == rec.evaluators[1].num_evaluations == 1 + 2 * 2
+    ell = lambda q, xx, yy: 0.5 * (xx @ np.asarray(q["w"]) + float(q["b"]) - yy) ** 2
+    for t in range(2):
+        d = ell(p[t + 1], xt, yt) - ell(p[t], xt, yt)
+        np.testing.assert_allclose(h.test.loss_change[t], d.mean(), rtol=1e-5)
+        np.testing.assert_allclose(h.test.class_loss_change[t],
+                                   [d[test_labels == c].sum() / len(yt) for c in (0, 1)], rtol=1e-5)
+        np.testing.assert_allclose(h.test.per_class[t].sum(), h.test.total[t], rtol=1e-6)

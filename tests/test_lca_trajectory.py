@@ -245,10 +245,14 @@ def test_one_writer_at_a_time_and_stale_lock(tmp_path):
 
 def test_memory_recorder_matches_disk(tmp_path):
     x, y, ws = linreg(steps=4)
-    disk = _run(tmp_path / "run", ws, data=(x, y), store_grads=True)
-    mem = lca.allocate_trajectory(linreg_loss, ws, (x, y), progress=False, store_grads=True)
+    test = (x[:20] * 2, y[:20])
+    disk = _run(tmp_path / "run", ws, data=(x, y), store_grads=True, test_data=test)
+    mem = lca.allocate_trajectory(linreg_loss, ws, (x, y), progress=False, store_grads=True,
+                                  test_data=test)
     for k in ("per_leaf", "total", "error", "noise_floor", "num_splits"):
         np.testing.assert_array_equal(getattr(disk, k), getattr(mem, k), err_msg=k)
+        np.testing.assert_array_equal(getattr(disk.test, k), getattr(mem.test, k), err_msg=k)
+    assert not np.allclose(disk.test.loss_change, disk.loss_change)
     for k in disk.grad_before:
         np.testing.assert_array_equal(disk.grad_before[k], mem.grad_before[k])
 
