@@ -61,12 +61,16 @@ def authors_loss(p, x, y, b):
     """``get_gradients_and_eval`` of adaptive_calc_gradients.py: ``int(N / b)`` batches
     (remainder dropped), mean of the per-batch mean losses."""
     nb = len(y) // b
-    return np.mean([np_losses(p, x[i * b : (i + 1) * b], y[i * b : (i + 1) * b]).mean() for i in range(nb)])
+    return np.mean(
+        [np_losses(p, x[i * b : (i + 1) * b], y[i * b : (i + 1) * b]).mean() for i in range(nb)]
+    )
 
 
 def reference_grad(p, x, y, b):
     """Independent JAX transcription: an explicit loop over the batch slices."""
-    f = lambda q: sum(jnp.sum(bn_loss(q, (x[i : i + b], y[i : i + b]))) for i in range(0, len(y), b)) / len(y)
+    f = lambda q: (
+        sum(jnp.sum(bn_loss(q, (x[i : i + b], y[i : i + b]))) for i in range(0, len(y), b)) / len(y)
+    )
     return jax.jit(jax.grad(f))(p)
 
 
@@ -78,14 +82,25 @@ def test_batch_statistics_mode_matches_transcription():
     ref = reference_loss(p, x, y, B)
     # float32 forward of ~100-term dots and a float64 host sum: ~1e-6 relative is ample
     np.testing.assert_allclose(e.loss, ref, rtol=2e-6)
-    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=2e-4, atol=1e-6),
-                 e.grad, reference_grad(p, x, y, B))
-    per_class = [sum(np_losses(p, x[i:i + B], y[i:i + B])[y[i:i + B] == c].sum()
-                     for i in range(0, N, B)) / N for c in range(C)]
+    jax.tree.map(
+        lambda a, r: np.testing.assert_allclose(a, r, rtol=2e-4, atol=1e-6),
+        e.grad,
+        reference_grad(p, x, y, B),
+    )
+    per_class = [
+        sum(
+            np_losses(p, x[i : i + B], y[i : i + B])[y[i : i + B] == c].sum()
+            for i in range(0, N, B)
+        )
+        / N
+        for c in range(C)
+    ]
     np.testing.assert_allclose(e.class_loss, per_class, rtol=2e-5, atol=1e-7)
     # the v0.1 path (last batch padded with copies of example 0) is measurably different
     pad = np.r_[np.arange(100, N), np.zeros(B - 3, int)]
-    padded = (reference_loss(p, x[:100], y[:100], B) * 100 + np_losses(p, x[pad], y[pad])[:3].sum()) / N
+    padded = (
+        reference_loss(p, x[:100], y[:100], B) * 100 + np_losses(p, x[pad], y[pad])[:3].sum()
+    ) / N
     assert abs(padded - ref) > 1e-4 * abs(ref)
     assert lca.Evaluator(bn_loss, (x, y), batch_size=B, bn_mode="batch").evaluate(p).loss == e.loss
 
@@ -125,8 +140,12 @@ def test_lca_of_a_batchnorm_step_is_conserved():
     g = reference_grad(p0, x, y, B)
     p1 = jax.tree.map(lambda a, d: a - 0.5 * d, p0, g)
     r = lca.allocate(bn_loss, p0, p1, (x, y), labels=y, batch_size=B)
-    np.testing.assert_allclose(r.loss_change, reference_loss(p1, x, y, B) - reference_loss(p0, x, y, B),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        r.loss_change,
+        reference_loss(p1, x, y, B) - reference_loss(p0, x, y, B),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     assert r.converged and abs(r.error) <= 1e-3
     assert set(r.per_layer) == {"Dense_0", "BatchNorm_0", "Dense_1"}
     np.testing.assert_allclose(r.per_class.sum(), r.total, rtol=1e-5)
@@ -147,8 +166,9 @@ def test_flax_batchnorm_modes_are_detected():
     stats = variables["batch_stats"]
 
     def train_mode(p, b):  # batch statistics, running averages neither used nor updated
-        logits, _ = model.apply({"params": p, "batch_stats": stats}, b[0], train=True,
-                                mutable=["batch_stats"])
+        logits, _ = model.apply(
+            {"params": p, "batch_stats": stats}, b[0], train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, b[1])
 
     def eval_mode(p, b):

@@ -37,7 +37,9 @@ def _writer(directory, steps, hold="-"):
     tests = str(Path(__file__).resolve().parent)
     return subprocess.Popen(
         [sys.executable, "-c", WRITER, tests, str(directory), str(steps), str(hold)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
 

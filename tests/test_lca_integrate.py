@@ -189,8 +189,14 @@ def test_joint_lca_with_classes_and_a_recorder():
     xt, yt = _linreg(n=30, seed=3)
     labels, test_labels = (x[:, 0] > 0).astype(np.int32), (xt[:, 0] > 0).astype(np.int32)
     p = [{"w": jnp.full(5, v, jnp.float32), "b": jnp.float32(v)} for v in (0.0, 0.1, 0.25)]
-    rec = lca.LCARecorder(_linreg_loss, (x, y), labels=labels, test_data=(xt, yt),
-                          test_labels=test_labels, class_strategy="reverse")
+    rec = lca.LCARecorder(
+        _linreg_loss,
+        (x, y),
+        labels=labels,
+        test_data=(xt, yt),
+        test_labels=test_labels,
+        class_strategy="reverse",
+    )
     rec.start(p[0])
     for q in p[1:]:
         rec(q)
@@ -203,6 +209,9 @@ def test_joint_lca_with_classes_and_a_recorder():
     for t in range(2):
         d = ell(p[t + 1], xt, yt) - ell(p[t], xt, yt)
         np.testing.assert_allclose(h.test.loss_change[t], d.mean(), rtol=1e-5)
-        np.testing.assert_allclose(h.test.class_loss_change[t],
-                                   [d[test_labels == c].sum() / len(yt) for c in (0, 1)], rtol=1e-5)
+        np.testing.assert_allclose(
+            h.test.class_loss_change[t],
+            [d[test_labels == c].sum() / len(yt) for c in (0, 1)],
+            rtol=1e-5,
+        )
         np.testing.assert_allclose(h.test.per_class[t].sum(), h.test.total[t], rtol=1e-6)

@@ -49,8 +49,13 @@ STEPS = 24
 
 def run_child(directory, out, delay, wait=True):
     args = [sys.executable, "-c", CHILD, str(directory), str(STEPS), str(delay), str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     if wait:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
@@ -60,7 +65,8 @@ def run_child(directory, out, delay, wait=True):
 
 def stored_iterations(directory: Path) -> int:
     return len(list(directory.glob("pending/*.npz"))) + sum(
-        1 for _ in directory.glob("chunk_*.npz"))
+        1 for _ in directory.glob("chunk_*.npz")
+    )
 
 
 @pytest.mark.parametrize("kills", [3])
@@ -79,7 +85,9 @@ def test_sigkill_mid_run_then_resume(tmp_path, kills):
                 time.sleep(0.013 * (k + 1))
                 break
             time.sleep(0.005)
-        assert proc.poll() is None, "child finished before it could be killed: " + proc.stderr.read()[-2000:]
+        assert proc.poll() is None, (
+            "child finished before it could be killed: " + proc.stderr.read()[-2000:]
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         proc.stdout.close()

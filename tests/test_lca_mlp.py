@@ -67,9 +67,7 @@ def test_conservation_every_iteration_with_endpoint_reuse(problem):
     np.testing.assert_allclose(h.per_layer.sum(1), h.total, rtol=1e-12)
     np.testing.assert_allclose(h.per_leaf.sum(1), h.total, rtol=1e-12)
     assert h.layer_names == ("Dense_0", "Dense_1")  # a layer is a module: kernel + bias
-    np.testing.assert_allclose(
-        h.per_layer[:, 0], h.per_leaf[:, 0] + h.per_leaf[:, 1], rtol=1e-12
-    )
+    np.testing.assert_allclose(h.per_layer[:, 0], h.per_leaf[:, 0] + h.per_leaf[:, 1], rtol=1e-12)
     # independent check of the measured loss change
     mean = lambda p: float(np.mean(loss_fn(p, (x, y))))
     np.testing.assert_allclose(
@@ -196,10 +194,10 @@ def test_no_retrace_across_iterations(problem):
     rec = lca.LCARecorder(None, ev)
     rec.start(traj[0])
     rec(traj[1])
-    size = ev.kernels.scan._cache_size()
+    size = ev.kernels.step._cache_size()
     for p in traj[2:]:
         rec(p)
-    assert ev.kernels.scan._cache_size() == size
+    assert ev.kernels.step._cache_size() == size
 
 
 def test_jvp_loop_and_vmap_paths_agree(problem, monkeypatch):

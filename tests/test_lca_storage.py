@@ -70,38 +70,79 @@ def _swap(p, q):
 
 
 CORRUPTIONS = {
-    "truncated chunk": (lambda d, r: _truncate(_chunk(d, 3, 6)), "chunk_00000003_00000006",
-                        "truncated or corrupt"),
-    "empty chunk": (lambda d, r: _chunk(d, 0, 3).write_bytes(b""), "chunk_00000000_00000003",
-                    "empty"),
-    "truncated pending": (lambda d, r: _truncate(d / "pending/it_00000009.npz", 0.9),
-                          "it_00000009", "truncated or corrupt"),
+    "truncated chunk": (
+        lambda d, r: _truncate(_chunk(d, 3, 6)),
+        "chunk_00000003_00000006",
+        "truncated or corrupt",
+    ),
+    "empty chunk": (
+        lambda d, r: _chunk(d, 0, 3).write_bytes(b""),
+        "chunk_00000000_00000003",
+        "empty",
+    ),
+    "truncated pending": (
+        lambda d, r: _truncate(d / "pending/it_00000009.npz", 0.9),
+        "it_00000009",
+        "truncated or corrupt",
+    ),
     "bit flip": (lambda d, r: _flip(_chunk(d, 6, 9)), "chunk_00000006_00000009", "corrupt"),
-    "text as chunk": (lambda d, r: _chunk(d, 0, 3).write_text("hello"),
-                      "chunk_00000000_00000003", "not a complete .npz"),
-    "foreign npz": (lambda d, r: np.savez(_chunk(d, 3, 6), a=np.zeros(3)),
-                    "chunk_00000003_00000006", "lacks the entries"),
-    "deleted chunk": (lambda d, r: _chunk(d, 3, 6).unlink(), "lacks iteration 3",
-                      "chunk_00000006_00000009"),
-    "deleted last records": (lambda d, r: (d / "pending/it_00000009.npz").unlink(),
-                             "iterations 9…9 are missing", "progress.json"),
-    "deleted first chunk": (lambda d, r: _chunk(d, 0, 3).unlink(), "lacks iteration 0",
-                            "chunk_00000003_00000006"),
-    "renamed chunk": (lambda d, r: _chunk(d, 6, 9).rename(_chunk(d, 9, 12)),
-                      "chunk_00000009_00000012", "renamed or swapped"),
-    "swapped chunks": (lambda d, r: _swap(_chunk(d, 0, 3), _chunk(d, 3, 6)),
-                       "chunk_00000000_00000003", "renamed or swapped"),
+    "text as chunk": (
+        lambda d, r: _chunk(d, 0, 3).write_text("hello"),
+        "chunk_00000000_00000003",
+        "not a complete .npz",
+    ),
+    "foreign npz": (
+        lambda d, r: np.savez(_chunk(d, 3, 6), a=np.zeros(3)),
+        "chunk_00000003_00000006",
+        "lacks the entries",
+    ),
+    "deleted chunk": (
+        lambda d, r: _chunk(d, 3, 6).unlink(),
+        "lacks iteration 3",
+        "chunk_00000006_00000009",
+    ),
+    "deleted last records": (
+        lambda d, r: (d / "pending/it_00000009.npz").unlink(),
+        "iterations 9…9 are missing",
+        "progress.json",
+    ),
+    "deleted first chunk": (
+        lambda d, r: _chunk(d, 0, 3).unlink(),
+        "lacks iteration 0",
+        "chunk_00000003_00000006",
+    ),
+    "renamed chunk": (
+        lambda d, r: _chunk(d, 6, 9).rename(_chunk(d, 9, 12)),
+        "chunk_00000009_00000012",
+        "renamed or swapped",
+    ),
+    "swapped chunks": (
+        lambda d, r: _swap(_chunk(d, 0, 3), _chunk(d, 3, 6)),
+        "chunk_00000000_00000003",
+        "renamed or swapped",
+    ),
     "overlapping chunks": (lambda d, r: _overlap(d), "both hold iteration 2", "chunk_00000002"),
-    "garbage manifest": (lambda d, r: (d / "manifest.json").write_text("{oops"),
-                         "manifest.json", "not valid JSON"),
+    "garbage manifest": (
+        lambda d, r: (d / "manifest.json").write_text("{oops"),
+        "manifest.json",
+        "not valid JSON",
+    ),
     "edited manifest": (lambda d, r: _edit_manifest(d), "manifest.json", "run_id does not match"),
-    "manifest of another run": (lambda d, r: shutil.copy(r / "other_settings/manifest.json", d),
-                                "belongs to another run", "progress.json"),
-    "garbage progress": (lambda d, r: (d / "progress.json").write_bytes(b"\x00\x01"),
-                         "progress.json", "not valid JSON"),
+    "manifest of another run": (
+        lambda d, r: shutil.copy(r / "other_settings/manifest.json", d),
+        "belongs to another run",
+        "progress.json",
+    ),
+    "garbage progress": (
+        lambda d, r: (d / "progress.json").write_bytes(b"\x00\x01"),
+        "progress.json",
+        "not valid JSON",
+    ),
     "chunk of another trajectory": (
         lambda d, r: shutil.copy(_chunk(r / "same_identity", 3, 6), d),
-        "does not start where iteration 2 ended", "chunk_00000003_00000006"),
+        "does not start where iteration 2 ended",
+        "chunk_00000003_00000006",
+    ),
 }
 
 
@@ -143,7 +184,9 @@ def test_intact_copy_reads_back(run):
     np.testing.assert_array_equal(h.per_leaf, ref.per_leaf)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(which=st.integers(0, 3), where=st.floats(0.0, 1.0), mode=st.sampled_from(["cut", "flip"]))
 def test_any_damage_is_caught_or_harmless(runs, tmp_path_factory, which, where, mode):
     """Truncation anywhere is always caught; a flipped byte either is caught or lands where
@@ -181,11 +224,18 @@ def test_writer_writes_atomically(tmp_path, monkeypatch):
     calls = []
     real_replace, real_fsync = os.replace, os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", Path(b).name)) or real_replace(a, b))
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: calls.append(("replace", Path(b).name)) or real_replace(a, b)
+    )
     x, y, ws = linreg(steps=4)
     _record(tmp_path / "run", ws, (x, y))
     names = {c[1] for c in calls if isinstance(c, tuple)}
-    assert {"manifest.json", "progress.json", "chunk_00000000_00000003.npz", "it_00000003.npz"} <= names
+    assert {
+        "manifest.json",
+        "progress.json",
+        "chunk_00000000_00000003.npz",
+        "it_00000003.npz",
+    } <= names
     assert calls.count("fsync") >= 2 * len([c for c in calls if isinstance(c, tuple)])
 
     def boom(f):

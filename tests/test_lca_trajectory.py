@@ -43,8 +43,9 @@ def linreg(n=64, d=4, steps=10, seed=0):
     for _ in range(steps):
         w, b = ws[-1]["w"], ws[-1]["b"]
         r = x @ w + b - y
-        ws.append({"w": (w - 0.1 * x.T @ r / n).astype(np.float32),
-                   "b": np.float32(b - 0.1 * r.mean())})
+        ws.append(
+            {"w": (w - 0.1 * x.T @ r / n).astype(np.float32), "b": np.float32(b - 0.1 * r.mean())}
+        )
     return x, y, ws
 
 
@@ -62,8 +63,17 @@ def problem():
 def _same(h1, h2):
     assert h1.leaf_names == h2.leaf_names
     np.testing.assert_array_equal(h1.iterations, h2.iterations)
-    for k in ("per_leaf", "total", "loss_change", "error", "noise_floor", "num_splits",
-              "converged", "per_class_leaf", "class_loss_change"):
+    for k in (
+        "per_leaf",
+        "total",
+        "loss_change",
+        "error",
+        "noise_floor",
+        "num_splits",
+        "converged",
+        "per_class_leaf",
+        "class_loss_change",
+    ):
         np.testing.assert_array_equal(getattr(h1, k), getattr(h2, k), err_msg=k)
     assert h1.per_param.keys() == h2.per_param.keys()
     for k in h1.per_param:
@@ -72,8 +82,13 @@ def _same(h1, h2):
 
 def test_resume_after_crash_equals_uninterrupted(problem, tmp_path):
     x, y, traj, loss_fn = problem
-    kw = {"labels": y, "chunk_size": 3, "store_per_param": True, "progress": False,
-          "class_strategy": "reverse"}  # direction-free: the end point is fully reused
+    kw = {
+        "labels": y,
+        "chunk_size": 3,
+        "store_per_param": True,
+        "progress": False,
+        "class_strategy": "reverse",
+    }  # direction-free: the end point is fully reused
     full = lca.allocate_trajectory(loss_fn, traj, (x, y), directory=tmp_path / "a", **kw)
     assert len(full) == 7 and full.iterations.tolist() == list(range(7))
     crashy = Crashy(traj, crash_at=5)
@@ -106,8 +121,14 @@ def _read_only_load(d: Path, monkeypatch):
         raise AssertionError(f"a reader modified the run directory: {a}")
 
     with monkeypatch.context() as m:
-        for mod, name in ((os, "unlink"), (os, "remove"), (os, "replace"), (os, "rename"),
-                          (os, "mkdir"), (shutil, "rmtree")):
+        for mod, name in (
+            (os, "unlink"),
+            (os, "remove"),
+            (os, "replace"),
+            (os, "rename"),
+            (os, "mkdir"),
+            (shutil, "rmtree"),
+        ):
             m.setattr(mod, name, refuse)
         m.setattr(Path, "unlink", refuse)
         m.setattr(Path, "write_bytes", refuse)
@@ -160,12 +181,23 @@ def test_crash_residue_is_read_without_touching_it(tmp_path, monkeypatch):
 def _run(d, ws, steps=None, **kw):
     x, y = kw.pop("data")
     return lca.allocate_trajectory(
-        linreg_loss, ws if steps is None else ws[: steps + 1], (x, y), directory=d,
-        progress=False, chunk_size=3, **kw)
+        linreg_loss,
+        ws if steps is None else ws[: steps + 1],
+        (x, y),
+        directory=d,
+        progress=False,
+        chunk_size=3,
+        **kw,
+    )
 
 
 IDENTITY_CHANGES = {
-    "params.init_hash": lambda x, y, ws: (x, y, [{"w": ws[0]["w"] + 0.5, "b": ws[0]["b"]}] + ws[1:], {}),
+    "params.init_hash": lambda x, y, ws: (
+        x,
+        y,
+        [{"w": ws[0]["w"] + 0.5, "b": ws[0]["b"]}] + ws[1:],
+        {},
+    ),
     "data.train.hash": lambda x, y, ws: (_poke(x), y, ws, {}),
     "integration.tol": lambda x, y, ws: (x, y, ws, {"tol": 1e-4}),
     "integration.max_splits": lambda x, y, ws: (x, y, ws, {"max_splits": 8}),
@@ -225,8 +257,12 @@ def test_one_writer_at_a_time_and_stale_lock(tmp_path):
     rec.close()
     assert not (d / "LOCK").exists()
     # a lock left by a dead process of this host is taken over, with a warning
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     pid = int(dead.stdout)
     (d / "LOCK").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "token": "x"}))
     with pytest.warns(RuntimeWarning, match=f"stale lock .*pid {pid}"):
@@ -247,8 +283,9 @@ def test_memory_recorder_matches_disk(tmp_path):
     x, y, ws = linreg(steps=4)
     test = (x[:20] * 2, y[:20])
     disk = _run(tmp_path / "run", ws, data=(x, y), store_grads=True, test_data=test)
-    mem = lca.allocate_trajectory(linreg_loss, ws, (x, y), progress=False, store_grads=True,
-                                  test_data=test)
+    mem = lca.allocate_trajectory(
+        linreg_loss, ws, (x, y), progress=False, store_grads=True, test_data=test
+    )
     for k in ("per_leaf", "total", "error", "noise_floor", "num_splits"):
         np.testing.assert_array_equal(getattr(disk, k), getattr(mem, k), err_msg=k)
         np.testing.assert_array_equal(getattr(disk.test, k), getattr(mem.test, k), err_msg=k)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from .._layers import module_path, path_str
-from ._result import LCAHistory, LCAResult, module_grouping, stack_results
+from ._result import LCAHistory, LCAResult, stack_results
 
 LEVELS = ("layer", "leaf")
 
@@ -73,7 +73,9 @@ class HelpingFractions(NamedTuple):
     layer_zero: np.ndarray
 
 
-def helping_fraction(history: Any, *, zero_tol: float = 0.0, level: str = "layer") -> HelpingFractions:
+def helping_fraction(
+    history: Any, *, zero_tol: float = 0.0, level: str = "layer"
+) -> HelpingFractions:
     """Fraction of parameters with LCA ``< −zero_tol`` (helping), ``> zero_tol`` (hurting) or in
     between (zero), per iteration and per module or leaf (Lan et al. 2019, §3, Fig. 3,
     Table 1; the authors' code counts ``helped < 0``, i.e. ``zero_tol = 0``).

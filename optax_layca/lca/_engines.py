@@ -147,9 +147,9 @@ def _weak(fn: Any) -> Callable[[], Any]:
 class Kernels:
     """The compiled full-dataset functions of one ``(loss_fn, class_fn, C)`` triple.
 
-    ``scan`` runs the in-memory batches (and an unpadded remainder batch) in one call;
-    ``step``/``finish`` run an iterable of batches one at a time. ``q`` (:class:`Quantities`)
-    is static; the data are arguments, so new data of the same shapes reuse the executables.
+    ``point`` forms ``θ(s)``, ``zeros`` the sums, ``step``/``step_batch`` add one batch,
+    ``finish`` takes the dot products with ``Δθ``. ``q`` (:class:`Quantities`) is static; the
+    data are arguments, so new data of the same shapes reuse the executables.
     """
 
     def __init__(self, loss_fn, class_fn, num_classes: int, labels_in_batch: bool):
@@ -157,8 +157,13 @@ class Kernels:
         self._class = _weak(class_fn) if class_fn is not None else None
         self.num_classes = int(num_classes)
         self.labels_in_batch = labels_in_batch
-        self.scan = jax.jit(self._scan, static_argnames="q")
+        # One batch per call, in a host loop: XLA:CPU runs convolutions' backward pass ~10×
+        # slower inside a while loop (lax.scan) than outside, and a one-batch program compiles
+        # faster. `step` indexes device-resident stacked batches, `step_batch` takes one.
+        self.point = jax.jit(self._point)
+        self.zeros = jax.jit(self._zeros, static_argnames="q")
         self.step = jax.jit(self._step, static_argnames="q", donate_argnums=0)
+        self.step_batch = jax.jit(self._accumulate, static_argnames="q", donate_argnums=0)
         self.finish = jax.jit(self._finish, static_argnames="q")
         self.losses = jax.jit(self._losses)
         self.coupling: dict = {}  # batch shape -> does padding change real rows' losses?
@@ -225,10 +230,10 @@ class Kernels:
     # -------------------------------------------------------------- whole dataset
 
     @staticmethod
-    def point(base, delta, s):
+    def _point(base, delta, s):
         return jax.tree.map(lambda b, d: b + s.astype(b.dtype) * d.astype(b.dtype), base, delta)
 
-    def zeros(self, params, q: Quantities) -> dict:
+    def _zeros(self, params, q: Quantities) -> dict:
         big = {}
         if q.grad:
             big["grad"] = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
@@ -239,14 +244,13 @@ class Kernels:
             )
         return big
 
-    def _body(self, params, delta, q):
-        def body(carry, inp):
-            batch, mask = inp
-            small, big = self.batch(params, delta, batch, mask, q)
-            carry = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry, big)
-            return carry, small
+    def _accumulate(self, carry, params, delta, batch, mask, q):
+        small, big = self.batch(params, delta, batch, mask, q)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry, big), small
 
-        return body
+    def _step(self, carry, params, delta, xs, mask, i, q):
+        batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), xs)
+        return self._accumulate(carry, params, delta, batch, mask[i], q)
 
     def _finish(self, carry, delta, q):
         """Per-leaf ``Σ_n ∇ℓ_n · Δθ_k`` (and per class), and ``Σ_i |Σ_n ∂_i ℓ_n · Δθ_i|``."""
@@ -262,19 +266,6 @@ class Kernels:
                 [jnp.einsum("c...,...->c", a, b) for a, b in zip(cg, d32)], axis=1
             )
         return post
-
-    def _scan(self, base, delta, s, xs, mask, rem, q):
-        params = self.point(base, delta, s)
-        body = self._body(params, delta, q)
-        carry, ys = jax.lax.scan(body, self.zeros(params, q), (xs, mask))
-        y_rem = None
-        if rem is not None:  # the unpadded last batch (bn_mode="batch")
-            carry, y_rem = body(carry, rem)
-        return carry, ys, y_rem, self._finish(carry, delta, q)
-
-    def _step(self, carry, base, delta, s, batch, mask, q):
-        params = self.point(base, delta, s)
-        return self._body(params, delta, q)(carry, (batch, mask))
 
 
 class _NoClassFn:
@@ -292,9 +283,13 @@ def get_kernels(loss_fn, class_fn, num_classes: int, labels_in_batch: bool) -> K
     an entry lives exactly as long as the functions, so passing the *same* function object
     compiles once, and a ``lambda`` re-created on every call compiles every time.
     """
-    owner, func = (loss_fn.__self__, loss_fn.__func__) if inspect.ismethod(loss_fn) else (
-        loss_fn,
-        None,
+    owner, func = (
+        (loss_fn.__self__, loss_fn.__func__)
+        if inspect.ismethod(loss_fn)
+        else (
+            loss_fn,
+            None,
+        )
     )
     cfn = _NO_CLASS_FN if class_fn is None else class_fn
     key = (int(num_classes), bool(labels_in_batch))

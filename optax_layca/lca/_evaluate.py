@@ -18,8 +18,8 @@ if its real examples' losses change, the loss is coupled and ``"batch"`` is used
 is a multiple of the batch size nothing is padded and both modes are the same computation.
 
 Per-example losses come back to the host and are summed in float64; gradients are summed on
-device in float32 (see :mod:`._engines`). In-memory data run as one jitted ``lax.scan`` over the
-stacked batches; an iterable of batches runs one jitted step per batch.
+device in float32 (see :mod:`._engines`). In-memory data stay on the devices, stacked, and one
+jitted step per batch indexes them; an iterable of batches runs the same step per batch.
 
 Data parallelism: the batch axis is sharded over all local devices with
 ``NamedSharding(Mesh(devices, ("batch",)), P(None, "batch"))`` and the parameters replicated;
@@ -402,21 +402,27 @@ class Evaluator:
             return base, delta, s
         return self.replicate(base), self.replicate(delta), self.replicate(s)
 
+    def _begin(self, base, delta, s, q):
+        """``(θ(s), Δθ, zero sums)`` on this evaluator's devices."""
+        base, delta, s = self._put(base, delta, s)
+        params = self.kernels.point(base, delta, s)
+        return params, delta, self.kernels.zeros(params, q=q)
+
     def _run_arrays(self, base, delta, s, q):
         self.prepare(base)
         lay = self._layout
-        carry, ys, y_rem, post = self.kernels.scan(
-            *self._put(base, delta, s), lay.xs, lay.mask, lay.rem, q=q
-        )
-        ys, y_rem, post = jax.device_get((ys, y_rem, post))
-        # per-example entries [nb, B] → [nb·B]; per-batch jvp sums [nb, …] summed
-        smalls = [
-            {k: v.reshape(-1) if k in ("losses", "classes") else v.sum(0) for k, v in ys.items()}
-        ]
+        params, delta, carry = self._begin(base, delta, s, q)
+        smalls = []
+        for i in range(lay.host_mask.shape[0] // self.batch_size):
+            carry, small = self.kernels.step(carry, params, delta, lay.xs, lay.mask, np.int32(i), q=q)
+            smalls.append(small)
         masks = [lay.host_mask]
-        if y_rem is not None:
-            smalls.append(y_rem)
-            masks.append(np.ones(y_rem["losses"].shape[0], bool))
+        if lay.rem is not None:  # the unpadded last batch (bn_mode="batch")
+            carry, small = self.kernels.step_batch(carry, params, delta, *lay.rem, q=q)
+            smalls.append(small)
+            masks.append(np.ones(lay.rem[1].shape[0], bool))
+        post = self.kernels.finish(carry, delta, q=q)
+        smalls, post = jax.device_get((smalls, post))
         return carry, post, smalls, masks
 
     def _batch_for_step(self, batch, i, params):
@@ -426,9 +432,7 @@ class Evaluator:
         m = _leading(batch, f"batch {i} of `data`")
         b = self.batch_size
         if m > b:
-            raise ValueError(
-                f"Batch {i} of `data` has {m} examples, more than `batch_size` = {b}."
-            )
+            raise ValueError(f"Batch {i} of `data` has {m} examples, more than `batch_size` = {b}.")
         batch = _host(batch)
         _check_finite(batch, f"`data` (batch {i})")
         if m < b and self._resolve_bn_mode(params, batch, m, b, self._first_rows) == "batch":
@@ -437,18 +441,17 @@ class Evaluator:
         return jax.tree.map(lambda x, f: _pad_rows(x, b, f), batch, fill), np.arange(b) < m
 
     def _run_batches(self, base, delta, s, q):
-        base, delta, s = self._put(base, delta, s)
-        carry = jax.device_put(self.kernels.zeros(base, q), self._replicated)
+        params, delta, carry = self._begin(base, delta, s, q)
         smalls, masks = [], []
         for i, batch in enumerate(self._iterator()):
             if _leading(batch, f"batch {i} of `data`") == 0:
                 continue
             batch, mask = self._batch_for_step(batch, i, base)
             dev = jax.device_put((batch, mask), self._sharding(mask.shape[0], stacked=False))
-            carry, small = self.kernels.step(carry, base, delta, s, *dev, q=q)
+            carry, small = self.kernels.step_batch(carry, params, delta, *dev, q=q)
             smalls.append(small)
             masks.append(mask)
-        if not masks or not sum(int(m.sum()) for m in masks):
+        if not masks:
             raise ValueError("`data` is empty: the batch iterable yielded no examples.")
         post = self.kernels.finish(carry, delta, q=q)
         smalls, post = jax.device_get((smalls, post))
@@ -458,6 +461,8 @@ class Evaluator:
         """Float64 host sums over the real rows of every batch."""
         mask = np.concatenate(masks)
         losses = np.concatenate([np.asarray(s["losses"], np.float64) for s in smalls])[mask]
+        if not losses.size:
+            raise ValueError("`data` is empty: the batch iterable yielded no examples.")
         out = {"n": int(mask.sum()), "loss": float(np.sum(losses))}
         out["abs_loss"] = float(np.sum(np.abs(losses)))
         if not np.isfinite(out["loss"]):
@@ -524,7 +529,9 @@ class Evaluator:
                     n += _leading(batch, "a batch of `data`")
             self._fingerprint = {
                 "num_examples": int(n),
-                "leaves": [[list(np.shape(x)[1:]), np.dtype(x.dtype).str] for x in jax.tree.leaves(tree)],
+                "leaves": [
+                    [list(np.shape(x)[1:]), np.dtype(x.dtype).str] for x in jax.tree.leaves(tree)
+                ],
                 "hash": h.hexdigest(),
             }
         return self._fingerprint
@@ -550,7 +557,9 @@ def evaluate(
       (2.0, [0.8, 1.2])
     """
     check_names(overrides, "evaluate")
-    ev = make_evaluator(loss_fn, data, labels, dataclasses.replace(options or LCAOptions(), **overrides))
+    ev = make_evaluator(
+        loss_fn, data, labels, dataclasses.replace(options or LCAOptions(), **overrides)
+    )
     return ev.evaluate(params, grad=grad)
 
 

@@ -101,7 +101,9 @@ class _Integrand:
 
     def scaled(self, w: float) -> _Integrand:
         classes = None if self.classes is None else w * self.classes
-        return _Integrand(w * self.layers, classes, w * self.abs, [(w * c, g) for c, g in self.grads])
+        return _Integrand(
+            w * self.layers, classes, w * self.abs, [(w * c, g) for c, g in self.grads]
+        )
 
     def __add__(self, other: _Integrand) -> _Integrand:
         classes = None if self.classes is None else self.classes + other.classes
@@ -211,8 +213,8 @@ def _result(track, pt0, pt1, integral, delta, splits, opts, names) -> LCAResult:
 def _needs_halving(tracks, ends, integrals, opts) -> bool:
     """Authors' criterion ``max(|err_train|, |err_test|) > tol``, each error also above its
     noise floor (halving cannot resolve rounding)."""
-    checked = tracks if opts.refine_on_test else tracks[:1]
-    for track, (pt0, pt1), integral in zip(checked, ends, integrals):
+    checked = len(tracks) if opts.refine_on_test else 1
+    for (pt0, pt1), integral in zip(ends[:checked], integrals[:checked]):
         err = (pt1.loss - pt0.loss - float(np.sum(integral.layers))) / pt0.n
         if abs(err) > max(opts.tol, noise_floor(pt0, pt1, integral)):
             return True

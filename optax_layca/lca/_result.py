@@ -56,7 +56,9 @@ def relative_error(error: Any, change: Any, floor: Any) -> Any:
     error, change, floor = (np.asarray(v, np.float64) for v in (error, change, floor))
     denom = np.maximum(np.abs(change), floor)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denom > 0, error / np.where(denom > 0, denom, 1.0), np.where(error == 0, 0.0, np.inf))
+        return np.where(
+            denom > 0, error / np.where(denom > 0, denom, 1.0), np.where(error == 0, 0.0, np.inf)
+        )
 
 
 @jax.tree_util.register_dataclass

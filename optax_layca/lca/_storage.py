@@ -275,9 +275,7 @@ def read_manifest(directory: Path) -> dict:
             f"{str(path)!r} has format {m.get('format')!r}; this version reads {FORMAT!r}."
         )
     if not isinstance(m.get("identity"), dict) or m.get("run_id") != run_id(m["identity"]):
-        raise LCAStorageError(
-            f"{str(path)!r} is corrupt: its run_id does not match its identity."
-        )
+        raise LCAStorageError(f"{str(path)!r} is corrupt: its run_id does not match its identity.")
     return m
 
 
@@ -429,7 +427,9 @@ def read_run(directory: str | os.PathLike, keys: tuple[str, ...] | None = None):
             return manifest, [found[t][0] for t in range(n)]
         except FileNotFoundError as err:
             if err.errno != errno.ENOENT or attempt == 19:
-                raise LCAStorageError(f"Files of {str(directory)!r} keep vanishing: {err}.") from err
+                raise LCAStorageError(
+                    f"Files of {str(directory)!r} keep vanishing: {err}."
+                ) from err
             time.sleep(0.01 * (attempt + 1))
     raise AssertionError("unreachable")
 

@@ -16,7 +16,7 @@ from .._layers import path_str
 from ._evaluate import hash_tree
 from ._integrate import Stepper, check_params, make_evaluators
 from ._options import LCAOptions, resolve
-from ._result import LCAHistory, LCAResult, flat_per_param
+from ._result import LCAHistory, LCAResult
 from ._storage import SCALARS, LCAStorageError, Store, identity_diff, read_run
 
 # A resumed run re-evaluates the loss where the stored run stopped; the same loss on the same
@@ -36,12 +36,17 @@ def _record_of(result: LCAResult, prefix: str, store_per_param: bool, store_grad
     if result.per_class_leaf is not None:
         rec[prefix + "per_class_leaf"] = np.asarray(result.per_class_leaf, np.float64)
         rec[prefix + "class_loss_change"] = np.asarray(result.class_loss_change, np.float64)
-    for flag, field, tag in ((store_grads, "grad_before", "gr"), (store_per_param, "per_param", "pp")):
+    for flag, field, tag in (
+        (store_grads, "grad_before", "gr"),
+        (store_per_param, "per_param", "pp"),
+    ):
         if not flag:
             continue
         tree = getattr(result, field)
         if tree is None:
-            raise ValueError(f"`store_{'grads' if tag == 'gr' else 'per_param'}=True` needs the 'grad' engine.")
+            raise ValueError(
+                f"`store_{'grads' if tag == 'gr' else 'per_param'}=True` needs the 'grad' engine."
+            )
         for i, x in enumerate(jax.tree.leaves(jax.device_get(tree))):
             rec[f"{prefix}{tag}{i}"] = np.asarray(x)
     return rec
@@ -55,15 +60,29 @@ def history_from_records(
     if not records:
         z = np.zeros((0,))
         return LCAHistory(
-            names, np.zeros((0, len(names))), z, z, z, z, z, z.astype(int), z.astype(bool),
-            noise_floor=z, iterations=z.astype(int), method=method,
+            names,
+            np.zeros((0, len(names))),
+            z,
+            z,
+            z,
+            z,
+            z,
+            z.astype(int),
+            z.astype(bool),
+            noise_floor=z,
+            iterations=z.astype(int),
+            method=method,
         )
     stack = lambda k: np.stack([np.asarray(r[prefix + k]) for r in records])
     first = records[0]
 
     def keyed(tag):
         keys = sorted(
-            (k[len(prefix) + 2 :] for k in first if k.startswith(prefix + tag) and k[len(prefix) + 2 :].isdigit()),
+            (
+                k[len(prefix) + 2 :]
+                for k in first
+                if k.startswith(prefix + tag) and k[len(prefix) + 2 :].isdigit()
+            ),
             key=int,
         )
         return {names[int(i)]: stack(tag + i) for i in keys} or None
@@ -177,7 +196,10 @@ class LCARecorder:
                 "dtypes": [np.dtype(jax.numpy.result_type(x)).str for _, x in leaves],
                 "init_hash": init_hash,
             },
-            "data": {"train": evs[0].fingerprint(), "test": evs[1].fingerprint() if len(evs) > 1 else None},
+            "data": {
+                "train": evs[0].fingerprint(),
+                "test": evs[1].fingerprint() if len(evs) > 1 else None,
+            },
             "loss": {
                 "engines": list(o.engines),
                 "batch_size": [ev.requested_batch_size for ev in evs],
@@ -203,8 +225,13 @@ class LCARecorder:
                     f"`start(iteration={iteration})`: {str(store.dir)!r} holds no run yet; "
                     "start at iteration 0."
                 )
-            info = {"loss_fn": getattr(self.evaluator.loss_fn, "__qualname__", repr(self.evaluator.loss_fn)),
-                    "host": socket.gethostname(), "created": time.time()}
+            info = {
+                "loss_fn": getattr(
+                    self.evaluator.loss_fn, "__qualname__", repr(self.evaluator.loss_fn)
+                ),
+                "host": socket.gethostname(),
+                "created": time.time(),
+            }
             store.create(ident, info)
             return
         old = store.manifest["identity"]
@@ -315,8 +342,11 @@ class LCARecorder:
         return result
 
     def _save(self, result: LCAResult, t: int, h: str) -> None:
-        rec = {"iteration": np.asarray(t, np.int64), "params_before": np.asarray(self._prev_hash),
-               "params_after": np.asarray(h)}
+        rec = {
+            "iteration": np.asarray(t, np.int64),
+            "params_before": np.asarray(self._prev_hash),
+            "params_after": np.asarray(h),
+        }
         rec.update(_record_of(result, "", self.store_per_param, self.store_grads))
         if result.test is not None:
             rec.update(_record_of(result.test, "test_", self.store_per_param, False))
