@@ -181,4 +181,4 @@ def test_flax_batchnorm_modes_are_detected():
     b = lca.Evaluator(eval_mode, (x, y), batch_size=B)
     b.evaluate(p)
     assert (a.bn_mode, b.bn_mode) == ("batch", "inference")
-    assert b._layout.padded and not a._layout.padded
+    assert b.layout.padded and not a.layout.padded

@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
         xb, yb = bn_data(n=100)
         ebn = lca.Evaluator(bn_loss, (xb, yb), batch_size=24, devices=devs)
         e = ebn.evaluate(make_params())
-        assert ebn.bn_mode == "batch" and not ebn._layout.padded
+        assert ebn.bn_mode == "batch" and not ebn.layout.padded
         hs.append(dict(loss=e.loss, grad=[np.asarray(g).tolist() for g in jax.tree.leaves(e.grad)]))
         out[ndev] = hs
     print(json.dumps(out))

@@ -147,7 +147,7 @@ def _weak(fn: Any) -> Callable[[], Any]:
 class Kernels:
     """The compiled full-dataset functions of one ``(loss_fn, class_fn, C)`` triple.
 
-    ``point`` forms ``θ(s)``, ``zeros`` the sums, ``step``/``step_batch`` add one batch,
+    ``start`` forms ``θ(s)`` and zero sums, ``step``/``step_batch`` add one batch,
     ``finish`` takes the dot products with ``Δθ``. ``q`` (:class:`Quantities`) is static; the
     data are arguments, so new data of the same shapes reuse the executables.
     """
@@ -160,7 +160,7 @@ class Kernels:
         # One batch per call, in a host loop: XLA:CPU runs convolutions' backward pass ~10×
         # slower inside a while loop (lax.scan) than outside, and a one-batch program compiles
         # faster. `step` indexes device-resident stacked batches, `step_batch` takes one.
-        self.point = jax.jit(self._point)
+        self.start = jax.jit(self._start, static_argnames="q")
         self.zeros = jax.jit(self._zeros, static_argnames="q")
         self.step = jax.jit(self._step, static_argnames="q", donate_argnums=0)
         self.step_batch = jax.jit(self._accumulate, static_argnames="q", donate_argnums=0)
@@ -229,9 +229,10 @@ class Kernels:
 
     # -------------------------------------------------------------- whole dataset
 
-    @staticmethod
-    def _point(base, delta, s):
-        return jax.tree.map(lambda b, d: b + s.astype(b.dtype) * d.astype(b.dtype), base, delta)
+    def _start(self, base, delta, s, q):
+        """``θ(s) = base + s·Δθ`` (in each leaf's dtype) and the zero sums."""
+        params = jax.tree.map(lambda b, d: b + s.astype(b.dtype) * d.astype(b.dtype), base, delta)
+        return params, self._zeros(params, q)
 
     def _zeros(self, params, q: Quantities) -> dict:
         big = {}

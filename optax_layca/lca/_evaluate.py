@@ -73,11 +73,13 @@ class Evaluation(NamedTuple):
     num_examples: int
 
 
-@dataclasses.dataclass
 class Point:
-    """Full-dataset *sums* at one point ``θ(s)`` (host float64 unless noted).
+    """Full-dataset *sums* at one point ``θ(s)``, fetched lazily.
 
-    Attributes:
+    A launched point holds device arrays; :func:`fetch` brings a whole list of points to the
+    host with one synchronisation (so the points of a step run back to back on the device).
+
+    Attributes (host float64 once fetched, except ``carry``):
       n: number of examples ``N``.
       loss: ``Σ_n ℓ_n``; abs_loss: ``Σ_n |ℓ_n|``; class_loss: ``[C]`` or None.
       carry: device float32 sums ``{"grad": pytree, "class_grads": pytree}`` (requested ones).
@@ -85,13 +87,54 @@ class Point:
       jvp: ``jvp_layers [K]``, ``jvp_classes [C, K]`` (requested ones).
     """
 
-    n: int
-    loss: float
-    abs_loss: float
-    class_loss: np.ndarray | None
-    carry: dict
-    post: dict
-    jvp: dict
+    def __init__(
+        self, ev: Any, carry: dict, raw: Any, masks: list, base: Any = None, jvp: Any = None
+    ):
+        self.ev, self.carry, self._raw, self._masks = ev, carry, raw, masks
+        self._base, self._jvp_point = base, jvp  # a reused point: sums of `base`, new direction
+        self._sums: dict | None = None
+
+    def redirect(self, raw_post: Any, jvp_point: Any) -> Point:
+        """This point's sums along a new direction: new dot products (``raw_post``, device)
+        and directional derivatives (``jvp_point``, a launched point), either may be None."""
+        return Point(self.ev, self.carry, (raw_post, None), [], base=self, jvp=jvp_point)
+
+    def _fill(self, host: Any) -> None:
+        post, smalls = host
+        if self._base is None:
+            sums = self.ev.reduce(smalls, self._masks)
+        else:
+            sums = {k: v for k, v in self._base.sums.items() if not k.startswith(("jvp", "post"))}
+            if self._jvp_point is not None:
+                sums.update({k: v for k, v in self._jvp_point.sums.items() if k.startswith("jvp")})
+            post = self._base.sums["post"] if post is None else post
+        sums["post"] = {k: np.asarray(v, np.float64) for k, v in post.items()}
+        self._sums = sums
+
+    @property
+    def sums(self) -> dict:
+        if self._sums is None:
+            fetch([self])
+        return self._sums
+
+    n = property(lambda self: self.sums["n"])
+    loss = property(lambda self: self.sums["loss"])
+    abs_loss = property(lambda self: self.sums["abs_loss"])
+    class_loss = property(lambda self: self.sums.get("class_loss"))
+    post = property(lambda self: self.sums["post"])
+    jvp = property(lambda self: {k: v for k, v in self.sums.items() if k.startswith("jvp")})
+
+
+def fetch(points: Sequence[Point]) -> None:
+    """Brings every not yet fetched point (and what reused points depend on) to the host with
+    one ``jax.device_get``."""
+    deps = [p._jvp_point for p in points if p._jvp_point is not None]
+    first = [p for p in deps + [p for p in points if p._base is None] if p._sums is None]
+    later = [p for p in points if p._base is not None and p._sums is None]
+    todo = list(dict.fromkeys(first + later))
+    hosts = jax.device_get([p._raw for p in todo])
+    for p, h in zip(todo, hosts):
+        p._fill(h)
 
 
 def _is_array(x: Any) -> bool:
@@ -165,7 +208,7 @@ def _host(batch: Any) -> Any:
 
 
 @dataclasses.dataclass
-class _Layout:
+class Layout:
     """Device-resident in-memory data: ``xs``/``mask`` ``[nb, B, ...]`` and an optional
     unpadded remainder batch ``rem = (batch, mask)``."""
 
@@ -244,7 +287,7 @@ class Evaluator:
         self.kernels: Kernels = get_kernels(
             loss_fn, o.class_fn, self.num_classes, labels_in_batch=self.labels is not None
         )
-        self._layout: _Layout | None = None
+        self.layout: Layout | None = None  # in-memory data on the devices, after prepare()
 
     # ------------------------------------------------------------------ construction
 
@@ -366,7 +409,7 @@ class Evaluator:
 
     def prepare(self, params: Any) -> None:
         """Resolves ``bn_mode`` and places in-memory data on the devices (done on first use)."""
-        if self.kind != "arrays" or self._layout is not None:
+        if self.kind != "arrays" or self.layout is not None:
             return
         data, n, b = self._host_data, self.num_examples, self.batch_size
         r = n % b
@@ -388,42 +431,41 @@ class Evaluator:
         if mode == "batch" and n > rows:
             rem = (jax.tree.map(lambda x: x[rows:], data), np.ones(n - rows, bool))
             rem = jax.device_put(rem, self._sharding(n - rows, stacked=False))
-        self._layout = _Layout(dev_xs, dev_mask, mask.reshape(-1), rem, padded=rows > n)
+        self.layout = Layout(dev_xs, dev_mask, mask.reshape(-1), rem, padded=rows > n)
 
     # ------------------------------------------------------------------ running
 
     def replicate(self, tree: Any) -> Any:
         """``tree`` on every device of this evaluator (how params and Δθ are placed)."""
+        if self._default_device_only:  # jit places it (no per-leaf device_put)
+            return tree
         return jax.device_put(tree, self._replicated)
 
     def _put(self, base, delta, s):
-        s = np.float32(s)
-        if self._default_device_only:  # jit places its inputs itself: no per-leaf device_put
-            return base, delta, s
-        return self.replicate(base), self.replicate(delta), self.replicate(s)
+        return self.replicate(base), self.replicate(delta), self.replicate(np.float32(s))
 
     def _begin(self, base, delta, s, q):
         """``(θ(s), Δθ, zero sums)`` on this evaluator's devices."""
         base, delta, s = self._put(base, delta, s)
-        params = self.kernels.point(base, delta, s)
-        return params, delta, self.kernels.zeros(params, q=q)
+        params, zeros = self.kernels.start(base, delta, s, q=q)
+        return params, delta, zeros
 
     def _run_arrays(self, base, delta, s, q):
         self.prepare(base)
-        lay = self._layout
+        lay = self.layout
         params, delta, carry = self._begin(base, delta, s, q)
         smalls = []
         for i in range(lay.host_mask.shape[0] // self.batch_size):
-            carry, small = self.kernels.step(carry, params, delta, lay.xs, lay.mask, np.int32(i), q=q)
+            carry, small = self.kernels.step(
+                carry, params, delta, lay.xs, lay.mask, np.int32(i), q=q
+            )
             smalls.append(small)
         masks = [lay.host_mask]
         if lay.rem is not None:  # the unpadded last batch (bn_mode="batch")
             carry, small = self.kernels.step_batch(carry, params, delta, *lay.rem, q=q)
             smalls.append(small)
             masks.append(np.ones(lay.rem[1].shape[0], bool))
-        post = self.kernels.finish(carry, delta, q=q)
-        smalls, post = jax.device_get((smalls, post))
-        return carry, post, smalls, masks
+        return carry, self.kernels.finish(carry, delta, q=q), smalls, masks
 
     def _batch_for_step(self, batch, i, params):
         """Host copy of batch ``i`` as it is evaluated (padded or not) and its mask."""
@@ -453,11 +495,9 @@ class Evaluator:
             masks.append(mask)
         if not masks:
             raise ValueError("`data` is empty: the batch iterable yielded no examples.")
-        post = self.kernels.finish(carry, delta, q=q)
-        smalls, post = jax.device_get((smalls, post))
-        return carry, post, smalls, masks
+        return carry, self.kernels.finish(carry, delta, q=q), smalls, masks
 
-    def _reduce(self, smalls, masks) -> dict:
+    def reduce(self, smalls, masks) -> dict:
         """Float64 host sums over the real rows of every batch."""
         mask = np.concatenate(masks)
         losses = np.concatenate([np.asarray(s["losses"], np.float64) for s in smalls])[mask]
@@ -480,23 +520,24 @@ class Evaluator:
         for k in ("jvp_layers", "jvp_classes"):
             if k in smalls[0]:
                 out[k] = np.sum([np.asarray(s[k], np.float64) for s in smalls], axis=0)
+        if self.kind == "batches":
+            self.num_examples = out["n"]
         return out
 
-    def run(self, base: Any, delta: Any, s: float, q: Quantities) -> Point:
-        """Full-dataset sums at ``base + s·delta`` (see :class:`Point`)."""
+    def launch(self, base: Any, delta: Any, s: float, q: Quantities) -> Point:
+        """Starts the full-dataset sums at ``base + s·delta`` (see :class:`Point`, :func:`fetch`)."""
         if self.kind == "arrays":
             carry, post, smalls, masks = self._run_arrays(base, delta, s, q)
         else:
             carry, post, smalls, masks = self._run_batches(base, delta, s, q)
-        sums = self._reduce(smalls, masks)
         self.num_evaluations += 1
-        if self.kind == "batches":
-            self.num_examples = sums["n"]
-        post = {k: np.asarray(v, np.float64) for k, v in post.items()}
-        jvp = {k: sums[k] for k in ("jvp_layers", "jvp_classes") if k in sums}
-        return Point(
-            sums["n"], sums["loss"], sums["abs_loss"], sums.get("class_loss"), carry, post, jvp
-        )
+        return Point(self, carry, (post, smalls), masks)
+
+    def run(self, base: Any, delta: Any, s: float, q: Quantities) -> Point:
+        """Full-dataset sums at ``base + s·delta``, fetched."""
+        pt = self.launch(base, delta, s, q)
+        fetch([pt])
+        return pt
 
     # ------------------------------------------------------------------ public
 

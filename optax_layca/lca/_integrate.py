@@ -14,7 +14,7 @@ import numpy as np
 
 from .._layers import check_same_structure, path_str
 from ._engines import Quantities, choose_class_strategy
-from ._evaluate import Evaluator, Point, make_evaluator
+from ._evaluate import Evaluator, Point, fetch, make_evaluator
 from ._options import LCAOptions, resolve
 from ._result import LCAResult
 
@@ -65,19 +65,14 @@ def _sub(a, b):
 
 
 @jax.jit
-def _weighted_product(weights, trees, delta):
-    """``(Σ_j w_j tree_j) ⊙ Δθ`` in float32, cast to each leaf's dtype."""
+def _finalize(weights, trees, delta, grad0, inv_n):
+    """``(Σ_j w_j tree_j) ⊙ Δθ`` (cast to each leaf's dtype) and the mean start gradient."""
 
     def leaf(d, *xs):
         acc = sum(w * x for w, x in zip(weights, xs))
         return (acc * d.astype(jnp.float32)).astype(d.dtype)
 
-    return jax.tree.map(leaf, delta, *trees)
-
-
-@jax.jit
-def _scaled(tree, factor):
-    return jax.tree.map(lambda g: g * factor, tree)
+    return jax.tree.map(leaf, delta, *trees), jax.tree.map(lambda g: g * inv_n, grad0)
 
 
 @jax.jit
@@ -123,19 +118,17 @@ class _Track:
         self.cache: tuple[Any, Point] | None = None
 
     def start(self, p0: Any, delta: Any) -> Point:
-        """The point at ``θ_t``, reusing the last step's end point when ``p0`` is it."""
+        """The point at ``θ_t`` (launched), reusing the last step's end point when ``p0`` is it:
+        its direction-free sums are kept, only what depends on ``Δθ`` is recomputed."""
         if self.cache is None or self.cache[0] is not p0:
-            return self.ev.run(p0, delta, 0.0, self.q)
+            return self.ev.launch(p0, delta, 0.0, self.q)
         pt = self.cache[1]
-        post = pt.post
-        if self.q.grad or self.q.class_grads:  # direction-free sums, new direction
-            d = self.ev.replicate(delta)
-            post = jax.device_get(self.ev.kernels.finish(pt.carry, d, q=self.q))
-            post = {k: np.asarray(v, np.float64) for k, v in post.items()}
-        jvp = {}
+        post = jvp = None
+        if self.q.grad or self.q.class_grads:
+            post = self.ev.kernels.finish(pt.carry, self.ev.replicate(delta), q=self.q)
         if self.q.needs_delta:
-            jvp = self.ev.run(p0, delta, 0.0, self.q.direction_only()).jvp
-        return dataclasses.replace(pt, post=post, jvp=jvp)
+            jvp = self.ev.launch(p0, delta, 0.0, self.q.direction_only())
+        return pt.redirect(post, jvp)
 
     def integrand(self, pt: Point) -> _Integrand:
         if "dots" in pt.post:
@@ -169,12 +162,14 @@ def noise_floor(pt0: Point, pt1: Point, integral: _Integrand) -> float:
     return float((U32 + n * U64) * (pt0.abs_loss + pt1.abs_loss) / n + U32 * integral.abs / n)
 
 
-def _per_param(ev: Evaluator, integral: _Integrand, delta: Any, n: int) -> Any:
+def _per_param(ev: Evaluator, integral: _Integrand, delta: Any, pt0: Point) -> tuple[Any, Any]:
+    """``(per_param, grad_before)`` (device pytrees) with the ``grad`` engine, else Nones."""
     if not integral.grads:
-        return None
-    delta = ev.replicate(delta)
+        return None, None
+    n = pt0.n
     weights = np.asarray([c / n for c, _ in integral.grads], np.float32)
-    return _weighted_product(weights, [g for _, g in integral.grads], delta)
+    trees = [g for _, g in integral.grads]
+    return _finalize(weights, trees, ev.replicate(delta), pt0.carry["grad"], np.float32(1.0 / n))
 
 
 def _result(track, pt0, pt1, integral, delta, splits, opts, names) -> LCAResult:
@@ -188,11 +183,9 @@ def _result(track, pt0, pt1, integral, delta, splits, opts, names) -> LCAResult:
     if track.strategy is not None:
         per_class = np.asarray(integral.classes, np.float64) / n
         class_change = (pt1.class_loss - pt0.class_loss) / n
-    grad_before = None
-    if track.q.grad:
-        grad_before = _scaled(pt0.carry["grad"], np.float32(1.0 / n))
+    per_param, grad_before = _per_param(track.ev, integral, delta, pt0)
     return LCAResult(
-        per_param=_per_param(track.ev, integral, delta, n),
+        per_param=per_param,
         per_leaf={k: float(v) for k, v in zip(names, per_leaf)},
         per_class_leaf=per_class,
         class_loss_change=class_change,
@@ -237,14 +230,19 @@ class Stepper:
         for t in self.tracks:
             t.cache = None
 
-    def _points(self, p0, delta, s) -> list[_Integrand]:
-        return [t.integrand(t.ev.run(p0, delta, s, t.q)) for t in self.tracks]
+    def _points(self, p0, delta, ss) -> list[_Integrand]:
+        """``Σ_s f(s)`` per track; all points launched, then fetched with one sync."""
+        pts = [[t.ev.launch(p0, delta, s, t.q) for s in ss] for t in self.tracks]
+        fetch([p for row in pts for p in row])
+        return [
+            sum(map(t.integrand, row[1:]), t.integrand(row[0])) for t, row in zip(self.tracks, pts)
+        ]
 
-    def _simpson(self, p0, delta, f0, f1, ends) -> tuple[list[_Integrand], int]:
+    def _simpson(self, p0, delta, f0, f1, mid, ends) -> tuple[list[_Integrand], int]:
         """Composite Simpson, halving while needed; every point evaluated once."""
         opts = self.opts
         tips = [a + b for a, b in zip(f0, f1)]
-        odd, even = self._points(p0, delta, 0.5), None
+        odd, even = mid, None
         splits = 2
         while True:
             h = 1.0 / splits
@@ -258,15 +256,18 @@ class Stepper:
                 return integrals, splits
             even = odd if even is None else [a + b for a, b in zip(even, odd)]
             splits *= 2
-            new = [self._points(p0, delta, (2 * j + 1) / splits) for j in range(splits // 2)]
-            odd = [sum(col[1:], col[0]) for col in zip(*new)]
+            odd = self._points(p0, delta, [(2 * j + 1) / splits for j in range(splits // 2)])
 
     def step(self, p0: Any, p1: Any, *, keep_end: bool = True) -> LCAResult:
         opts = self.opts
         delta = _sub(p1, p0)
         starts = [t.start(p0, delta) for t in self.tracks]
         end_q = [t.q if keep_end or opts.method == "rk4" else Quantities() for t in self.tracks]
-        stops = [t.ev.run(p1, delta, 0.0, q) for t, q in zip(self.tracks, end_q)]
+        stops = [t.ev.launch(p1, delta, 0.0, q) for t, q in zip(self.tracks, end_q)]
+        mids = []
+        if opts.method == "rk4":
+            mids = [t.ev.launch(p0, delta, 0.5, t.q) for t in self.tracks]
+        fetch(starts + stops + mids)  # the step's first points run back to back: one sync
         for t, pt in zip(self.tracks, stops):
             t.cache = (p1, pt) if keep_end else None
         f0 = [t.integrand(pt) for t, pt in zip(self.tracks, starts)]
@@ -275,7 +276,8 @@ class Stepper:
             integrals, splits = f0, 1
         else:
             f1 = [t.integrand(pt) for t, pt in zip(self.tracks, stops)]
-            integrals, splits = self._simpson(p0, delta, f0, f1, ends)
+            fm = [t.integrand(pt) for t, pt in zip(self.tracks, mids)]
+            integrals, splits = self._simpson(p0, delta, f0, f1, fm, ends)
         names = tuple(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(p0)[0])
         results = [
             _result(t, a, b, f, delta, splits, opts, names)
