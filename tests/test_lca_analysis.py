@@ -155,6 +155,24 @@ def test_error_table_and_figures_on_mlp(tmp_path):
     assert s["num_unconverged"] == 0 and abs(s["cumulative_error_pct"]) < 1.0
     assert h.per_class_leaf.shape == (6, 3, 4) and h.per_class.shape == (6, 3, 2)
     assert h.per_param["Dense_0/kernel"].shape == (6, 6, 12)
+    # module views: a neuron is its kernel column plus its bias (authors' get_neurons_plus_biases)
+    pp = h.per_param
+    np.testing.assert_allclose(
+        lca.per_neuron(h, "Dense_0"), pp["Dense_0/kernel"].sum(1) + pp["Dense_0/bias"], rtol=1e-6
+    )
+    f_layer, f_leaf = lca.helping_fraction(h), lca.helping_fraction(h, level="leaf")
+    assert f_layer.layer_names == ("Dense_0", "Dense_1") and len(f_leaf.layer_names) == 4
+    np.testing.assert_allclose(f_layer.helping, f_leaf.helping)
+    n0 = pp["Dense_0/kernel"][0].size + pp["Dense_0/bias"][0].size
+    np.testing.assert_allclose(
+        f_layer.layer_helping[:, 0],
+        ((pp["Dense_0/kernel"] < 0).sum((1, 2)) + (pp["Dense_0/bias"] < 0).sum(1)) / n0,
+    )
+    cum = lca.cumulative_per_layer(h)
+    np.testing.assert_allclose(cum["Dense_1"], np.cumsum(h.per_layer[:, 1]))
+    assert set(lca.cumulative_per_layer(h, level="leaf")) == set(h.leaf_names)
+    m = lca.moments_of_learning(h, k=2, num_shuffles=5)
+    assert m.moments.shape == (3, 6, 2)  # classes × iterations × modules
     figs = [
         oplot.lca_per_layer(h),
         oplot.helping_fraction(h),

@@ -234,7 +234,15 @@ class Evaluator:
         per-class losses.
       devices: devices to shard the batch axis over (default ``jax.local_devices()``).
       options: an :class:`LCAOptions`; its ``batch_size``, ``bn_mode``, ``class_fn`` and
-        ``num_classes`` are used (also accepted as keyword arguments).
+        ``num_classes`` are used (also accepted as keyword arguments). The default batch size
+        cuts in-memory data into the fewest batches of at most 1024 examples, of equal size
+        (no padding waste); with ``bn_mode="inference"`` the batch size is rounded up to a
+        multiple of the device count (padding is harmless there), with ``"batch"`` it is kept.
+
+    Attributes:
+      kernels: the compiled functions, shared by every Evaluator of the same ``loss_fn``.
+      bn_mode: ``"batch"`` or ``"inference"`` once a partial batch was checked, else the option.
+      num_evaluations: full-dataset passes so far.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np

@@ -138,8 +138,9 @@ def weibull_fit(
 ) -> WeibullFit:
     """Maximum-likelihood Weibull fits (``scipy.stats.weibull_min``, location 0) of the
     per-parameter LCA magnitudes, helping and hurting apart (Lan et al. 2019, §3: "a better
-    model of LCA would be the Weibull distribution"; the paper's fitted shape is lost from
-    the text we have). Parameters with exactly zero LCA are left out.
+    model of LCA would be the Weibull distribution"; the text does not say which values were
+    fitted nor how, and the authors' code for it is not public, so this choice is ours).
+    Parameters with exactly zero LCA are left out.
 
     Args:
       history: an ``LCAHistory`` with per-parameter LCA, or a ``[T, P]`` array.

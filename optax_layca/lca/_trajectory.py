@@ -289,7 +289,7 @@ class LCARecorder:
             ev.prepare(params)
         names = tuple(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
         self._stepper = Stepper(self.evaluators, self.options, len(names))
-        h = params_hash(params)
+        h = self._hash(params)
         if self._store is not None:
             self._open_run(params, iteration, h)
         elif iteration > self.num_recorded:
@@ -300,6 +300,10 @@ class LCARecorder:
             )
         self.leaf_names = names
         self._prev, self._prev_hash, self.iteration = params, h, iteration
+
+    def _hash(self, params: Any) -> str:
+        """Hash of ``params`` (ties stored records into a chain); not needed in memory."""
+        return params_hash(params) if self._store is not None else ""
 
     def _replay(self, t: int, h: str) -> None:
         if self._store is not None and str(self._store.index[t]["params_after"]) != h:
@@ -329,7 +333,7 @@ class LCARecorder:
         if self._stepper is None:
             raise ValueError("Call `recorder.start(initial_params)` before recording steps.")
         check_params(self._prev, params)
-        t, h = self.iteration, params_hash(params)
+        t, h = self.iteration, self._hash(params)
         result = None
         if t < self.num_recorded:
             self._replay(t, h)
