@@ -165,6 +165,7 @@ class Kernels:
         self.step = jax.jit(self._step, static_argnames="q", donate_argnums=0)
         self.step_batch = jax.jit(self._accumulate, static_argnames="q", donate_argnums=0)
         self.finish = jax.jit(self._finish, static_argnames="q")
+        self.single = jax.jit(self._single, static_argnames="q")
         self.losses = jax.jit(self._losses)
         self.coupling: dict = {}  # batch shape -> does padding change real rows' losses?
 
@@ -252,6 +253,12 @@ class Kernels:
     def _step(self, carry, params, delta, xs, mask, i, q):
         batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), xs)
         return self._accumulate(carry, params, delta, batch, mask[i], q)
+
+    def _single(self, base, delta, s, xs, mask, q):
+        """A whole point of a one-batch dataset in one program (one dispatch, not three)."""
+        params, carry = self._start(base, delta, s, q)
+        carry, small = self._step(carry, params, delta, xs, mask, 0, q)
+        return carry, small, self._finish(carry, delta, q)
 
     def _finish(self, carry, delta, q):
         """Per-leaf ``Σ_n ∇ℓ_n · Δθ_k`` (and per class), and ``Σ_i |Σ_n ∂_i ℓ_n · Δθ_i|``."""

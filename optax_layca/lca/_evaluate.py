@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 from ._engines import Kernels, Quantities, get_kernels
 from ._options import EVALUATOR_FIELDS, LCAOptions, check_names
 
-DEFAULT_BATCH_SIZE = 1024
+DEFAULT_BATCH_SIZE = 2048
 # Coupling check: the real rows of a per-example loss are computed by the same program on
 # the same values under both paddings, so they agree to the last bit; BatchNorm statistics
 # of a batch in which 1 row of B changes move the losses by O(1/B) of their size. 1e-5
@@ -235,7 +235,7 @@ class Evaluator:
       devices: devices to shard the batch axis over (default ``jax.local_devices()``).
       options: an :class:`LCAOptions`; its ``batch_size``, ``bn_mode``, ``class_fn`` and
         ``num_classes`` are used (also accepted as keyword arguments). The default batch size
-        cuts in-memory data into the fewest batches of at most 1024 examples, of equal size
+        cuts in-memory data into the fewest batches of at most 2048 examples, of equal size
         (no padding waste); with ``bn_mode="inference"`` the batch size is rounded up to a
         multiple of the device count (padding is harmless there), with ``"batch"`` it is kept.
 
@@ -461,6 +461,11 @@ class Evaluator:
     def _run_arrays(self, base, delta, s, q):
         self.prepare(base)
         lay = self.layout
+        if lay.host_mask.shape[0] == self.batch_size and lay.rem is None:  # one batch
+            carry, small, post = self.kernels.single(
+                *self._put(base, delta, s), lay.xs, lay.mask, q=q
+            )
+            return carry, post, [small], [lay.host_mask]
         params, delta, carry = self._begin(base, delta, s, q)
         smalls = []
         for i in range(lay.host_mask.shape[0] // self.batch_size):

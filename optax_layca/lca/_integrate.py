@@ -298,9 +298,10 @@ def check_params(params_before: Any, params_after: Any) -> None:
                 f"Leaf {path_str(path)!r} has shape {np.shape(a)} in `params_before` but "
                 f"{np.shape(b)} in `params_after`."
             )
-        if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+        dtype = getattr(a, "dtype", None) or np.result_type(a)
+        if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
-                f"Leaf {path_str(path)!r} of params has dtype {jnp.result_type(a)}; LCA needs "
+                f"Leaf {path_str(path)!r} of params has dtype {dtype}; LCA needs "
                 "floating-point parameters (filter them out of the params you pass)."
             )
     if not jax.tree.leaves(params_before):
