@@ -128,6 +128,8 @@ def test_moments_of_learning_synchronised_vs_shift_baseline():
     # independent layers: no more synchronization than the baseline
     ind = lca.moments_of_learning(rng.normal(size=(t, k)), k=15, num_shuffles=100)
     assert ind.p_value > 0.02
+    with pytest.raises(ValueError, match="no layer"):
+        lca.moments_of_learning(curves[:, :0])
     # per-class: [T, C, K]
     pc = lca.moments_of_learning(np.stack([curves, curves[::-1]], 1), k=15, num_shuffles=10)
     assert pc.moments.shape == (2, t, k) and pc.num_synchronized == 120

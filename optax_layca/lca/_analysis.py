@@ -346,6 +346,8 @@ def moments_of_learning(
         arr3 = arr
     else:
         raise ValueError(f"`curves` must be [T, K] or [T, C, K]; got shape {arr.shape}.")
+    if arr3.shape[2] == 0:
+        raise ValueError("`curves` has no layer (its last axis is empty): nothing to compare.")
     per_class = [local_minima(arr3[:, c, :], k) for c in range(arr3.shape[1])]
     moments = np.stack(per_class)  # [C, T, K]
     sync = np.stack([_synchronized(m) for m in moments])
