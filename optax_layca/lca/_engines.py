@@ -19,7 +19,10 @@ loss. Gradients are summed on device in float32.
 
 Compilation happens once per loss function: :func:`get_kernels` keeps the jitted functions in
 a cache keyed *weakly* on ``loss_fn`` (and ``class_fn``), so a new :class:`Evaluator` over
-same-shaped data reuses them and a dropped ``loss_fn`` frees them.
+same-shaped data reuses them and a dropped ``loss_fn`` frees them. Across processes, JAX's
+persistent compilation cache (``jax.config.update("jax_compilation_cache_dir", path)``)
+skips the compiles too (a SmallCNN's first ``allocate`` went from 38 s to 7 s on a loaded
+2-core CPU).
 """
 
 from __future__ import annotations
