@@ -160,7 +160,7 @@ class LCAHistory:
       test: the test-set history on the same path, or None.
 
     Properties ``layer_names`` (modules), ``per_layer`` (``[T, M]``) and ``per_class``
-    (``[T, C, M]``) give the module ("layer") view.
+    (``[T, C, M]``) give the module ("layer") view; ``relative_error`` is ``[T]``.
     """
 
     leaf_names: tuple[str, ...]
@@ -199,6 +199,12 @@ class LCAHistory:
         if self.per_class_leaf is None:
             return None
         return np.asarray(self.per_class_leaf) @ module_grouping(self.leaf_names)[1]
+
+    @property
+    def relative_error(self) -> np.ndarray:
+        """``[T]`` ``error / max(|ΔL|, noise_floor)`` (defined when the loss does not change)."""
+        floor = self.noise_floor if self.noise_floor is not None else np.zeros_like(self.error)
+        return relative_error(self.error, self.loss_change, floor)
 
     @property
     def num_unconverged(self) -> int:

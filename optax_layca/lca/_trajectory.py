@@ -130,7 +130,8 @@ class LCARecorder:
       store_grads: also store the full-dataset gradient at the start of each step (for
         :func:`~optax_layca.lca.oscillations`; ≈ params size per iteration).
       keep_results: keep the returned ``LCAResult``\\ s in :attr:`results` (memory).
-      options, **overrides: an :class:`~optax_layca.lca.LCAOptions` and/or its fields.
+      options: an :class:`~optax_layca.lca.LCAOptions`.
+      **overrides: any of its fields, overriding ``options``.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
