@@ -186,8 +186,12 @@ def test_error_table_and_figures_on_mlp(tmp_path):
         ),
     ]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
-    for name in ("lca_per_layer_figure", "helping_fraction_figure", "lca_heatmap_figure",
-                 "moments_raster_figure"):
+    for name in (
+        "lca_per_layer_figure",
+        "helping_fraction_figure",
+        "lca_heatmap_figure",
+        "moments_raster_figure",
+    ):
         assert name in oplot._lca.__all__
     with pytest.raises(ValueError, match="not a parameter leaf"):
         oplot.lca_heatmap_figure(h, "nope")
