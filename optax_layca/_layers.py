@@ -782,3 +782,18 @@ def forward_order(
     ordered = [p for p in order if p in layers]
     unused = natural_order(layers - set(ordered))
     return tuple(ordered) + unused
+
+
+def module_path(path: str) -> str:
+    """The module a parameter leaf belongs to: its parent path (a top-level leaf is its own).
+
+    Loss Change Allocation sums a module's leaves (kernel, bias, norm scale) into one
+    "layer", the grouping of Lan et al. (2019, §4: "sum LCA over all parameters within each
+    layer").
+
+    Examples:
+      >>> module_path("Dense_0/kernel"), module_path("layers/0/linear/bias"), module_path("w")
+      ('Dense_0', 'layers/0/linear', 'w')
+    """
+    head, sep, _ = path.rpartition("/")
+    return head if sep else path
