@@ -643,18 +643,16 @@ def module_layer_depths(params: Any, layering: Layering, depth: Any) -> Any:
     flat = jtu.tree_flatten_with_path(params)[0]
     layouts = layering.layouts(params)
     depths = jax.tree.leaves(depth)
-    # A leaf's module is its parent path (the grouping of lca's ``module_path``).
-    module_of = lambda path: path.rpartition("/")[0]
     owner: dict[str, tuple[LeafLayout, Any]] = {}
     for lo, d in zip(layouts, depths):
         if lo.is_layer:
-            owner.setdefault(module_of(lo.path), (lo, d))
+            owner.setdefault(module_path(lo.path), (lo, d))
     out = []
     for lo, (_, x), d in zip(layouts, flat, depths):
-        if lo.is_layer or module_of(lo.path) not in owner:
+        if lo.is_layer or module_path(lo.path) not in owner:
             out.append(d)
             continue
-        kernel, kd = owner[module_of(lo.path)]
+        kernel, kd = owner[module_path(lo.path)]
         if kernel.stack_axis is None:
             out.append(jnp.copy(kd))  # its own buffer: a state sharing one cannot be donated
             continue

@@ -248,7 +248,7 @@ def test_lca_quick(tmp_path):
     ):
         assert (out / name).stat().st_size > 0, name
     per_layer = np.asarray(res["per_layer"])
-    assert per_layer.shape == (12, len(res["leaves"]))
+    assert per_layer.shape == (12, len(res["layers"]))
     # the allocation adds up to the measured loss change (seed 004: < 1% cumulatively)
     np.testing.assert_allclose(per_layer.sum(1), res["loss_change"], atol=1e-3)
     summary = res["summary"][res["main_run"]]

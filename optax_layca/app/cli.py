@@ -722,9 +722,12 @@ def run_lca(
     h = runs[main_key]["rk4"]
     cum = lca_lib.cumulative_per_layer(h)
     fractions = lca_lib.helping_fraction(h)
-    # moments of learning per class and per layer (kernels in forward order; a bias moves
-    # with its kernel and would count as a trivially synchronised "layer")
-    kidx = [h.layer_names.index(p) for p in order]
+    # moments of learning per class and per layer (modules in forward order: a bias is part
+    # of its kernel's layer, never a trivially synchronised "layer" of its own)
+    from .._layers import module_path
+
+    layers = tuple(dict.fromkeys(module_path(p) for p in order))
+    kidx = [h.layer_names.index(m) for m in layers]
     curves = h.per_class[:, :, kidx] if h.per_class is not None else h.per_layer[:, kidx]
     moments = lca_lib.moments_of_learning(
         curves, k=max(3, max_iters // 10), num_shuffles=100, seed=cfg.seed
@@ -739,8 +742,8 @@ def run_lca(
         "command": "lca",
         "config": {**dataclasses.asdict(cfg), "lr": lr, "iterations": max_iters, "tol": tol},
         "dataset": _dataset_info(data),
-        "layers": list(order),
-        "leaves": list(h.layer_names),
+        "layers": list(h.layer_names),
+        "leaves": list(h.leaf_names),
         "main_run": runs[main_key]["label"],
         "per_layer": h.per_layer,
         "loss_change": h.loss_change,
@@ -765,7 +768,7 @@ def run_lca(
             for k in runs
         },
     }
-    figures = _report.lca_figures(h, moments, order, out)
+    figures = _report.lca_figures(h, moments, layers, out)
     _write_outputs(
         out,
         results,
