@@ -219,7 +219,7 @@ def test_writer_writes_atomically(tmp_path, monkeypatch):
     file and no temp file behind."""
     import os
 
-    from optax_layca.lca import _storage
+    from optax_layca import _io
 
     calls = []
     real_replace, real_fsync = os.replace, os.fsync
@@ -245,6 +245,6 @@ def test_writer_writes_atomically(tmp_path, monkeypatch):
     target = tmp_path / "run" / "progress.json"
     before = target.read_bytes()
     with pytest.raises(OSError, match="disk full"):
-        _storage.atomic_write(target, boom)
+        _io.atomic_write(target, boom)
     assert target.read_bytes() == before
     assert not list((tmp_path / "run").glob("*.tmp"))
