@@ -6,3 +6,4 @@ Every function takes the measurement it needs (a live object or a loaded file), 
 
 from ._lca import *  # noqa: F403  (each module lists its figures in __all__)
 from ._rotation import *  # noqa: F403
+from ._training import *  # noqa: F403

@@ -172,7 +172,9 @@ class RotationHistory:
             self._shapes = {
                 f"{n}/{p}": tuple(np.shape(figures[n][p])) for n in names for p in layers
             }
-        elif names != self._names or any(tuple(figures[n]) != self._layers for n in names):
+        elif set(names) != set(self._names) or any(
+            set(figures[n]) != set(self._layers) for n in names
+        ):  # the order may differ: a dict passed through jax.tree comes back with sorted keys
             raise ValueError(
                 "`RotationHistory.record`: figures or layers changed since the first record: "
                 f"had {self._names} over {self._layers}, got {names} over "

@@ -1,0 +1,153 @@
+"""The paper experiments of ``optax-layca reproduce``: one small module per experiment.
+
+``optax-layca reproduce NAME [--quick] [--seed S] [--out DIR]`` runs experiment ``NAME`` and
+writes, under ``DIR``:
+
+* ``NAME.png``: the paper's figure (same panels, axes and colouring);
+* ``NAME.json``: every number plotted, the run's identity (configuration, seed, library
+  versions, dataset fingerprint) and the verdict;
+* ``NAME_runs/<run>.rotation.npz``: the :class:`~optax_layca.rotation.RotationHistory` of each
+  run (``RotationHistory.load`` reads it back; its digest is in ``NAME.json``);
+* its own section of ``report.md`` (merged in place, so several experiments share a report):
+  the paper's claim, quoted and cited, what stands in for the paper's data and scale, what this
+  run measured, and the verdict: ``agrees``, ``does not reproduce at this scale`` or
+  ``inconclusive``, computed from the numbers by rules fixed in advance (never tuned to pass).
+
+``optax-layca reproduce --list`` lists them with their paper references.
+
+How to add an experiment
+========================
+
+1. Create ``optax_layca/app/_experiments/_<name>.py``. Import jax, optax and the library
+   *inside* functions (``reproduce --list`` must stay fast). Use the shared pieces:
+
+   * :func:`optax_layca.app._train.setup` / :class:`~optax_layca.app._train.TrainConfig`
+     (data, model, initialisation, forward layer order), :class:`~optax_layca.app._train.Run`
+     and :class:`~optax_layca.app._train.Group` (runs sharing an optimizer structure train
+     together, vmapped), the builders ``sgd``, ``adam``, ``layca_sgd``, ``layca_adam``,
+     ``lars_sgd``, and :func:`~optax_layca.app._train.train` (the one training loop);
+   * :mod:`._common`: :func:`._common.train_runs` (setup + train + per-run summaries),
+     :func:`._common.history_curves` (plotted numbers for the JSON), the verdict helpers
+     (:func:`._common.compare_accuracies`, :func:`._common.compare_layers`,
+     :func:`._common.rank_trend`, :func:`._common.combine`) and :func:`._common.panels`;
+   * figures only through :mod:`optax_layca.plot` (``ax=`` to place panels).
+
+2. Write three functions:
+
+   * ``run(config: ExperimentConfig) -> dict``: trains (``config.quick``: ≤ 30 s on 2 CPU
+     cores, ideally ~10 s; default ≤ 3 min) and returns a dict with ``"identity"``
+     (from :func:`._common.train_runs`), ``"histories"`` (``{run key: RotationHistory}``,
+     saved by the runner, not put in the JSON) and every number the figure draws;
+   * ``figure(results) -> matplotlib.figure.Figure``: the paper's figure from that dict alone;
+   * ``verdict(results) -> (status, text)``: ``status`` one of :data:`STATUSES`, ``text`` the
+     measured numbers against the claim, in a sentence or two.
+
+3. Register it at the bottom of the module and import the module in :func:`registry` below::
+
+      register(Experiment(
+          name="my-experiment",
+          reference=Reference("Carbonnelle & De Vleeschouwer", 2019, "Fig. 5"),
+          claim="the paper's sentence, quoted",
+          stand_in="MNIST-1D, 6-layer MLP, 30 epochs stand in for CIFAR-10, VGG-25, 100 epochs",
+          run=run, figure=figure, verdict=verdict,
+      ))
+
+4. Add ``tests/test_reproduce_<name>.py`` running ``reproduce <name> --quick`` through
+   :func:`optax_layca.app.cli.main`: files written, the figure's panels, finite numbers, and
+   the paper's finding only where it holds robustly at quick scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "AGREES",
+    "INCONCLUSIVE",
+    "NOT_REPRODUCED",
+    "STATUSES",
+    "Experiment",
+    "ExperimentConfig",
+    "Reference",
+    "get",
+    "register",
+    "registry",
+]
+
+AGREES = "agrees"
+NOT_REPRODUCED = "does not reproduce at this scale"
+INCONCLUSIVE = "inconclusive"
+STATUSES = (AGREES, NOT_REPRODUCED, INCONCLUSIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Where a claim comes from: authors, year, title, and the figure or table."""
+
+    authors: str
+    year: int
+    where: str
+    title: str = (
+        "An experimental study of layer-level training speed and its impact on generalization"
+    )
+
+    def cite(self) -> str:
+        """``"Authors, year, where"``."""
+        return f"{self.authors}, {self.year}, {self.where}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """How ``reproduce`` runs an experiment: ``quick`` (≤ 30 s), the seed, the output folder
+    and whether to show progress bars."""
+
+    quick: bool = False
+    seed: int = 0
+    out: str = "optax_layca_out"
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A registered experiment (see the module docstring for the contract of each field)."""
+
+    name: str
+    reference: Reference
+    claim: str
+    stand_in: str
+    run: Callable[[ExperimentConfig], dict[str, Any]]
+    figure: Callable[[dict[str, Any]], Any]
+    verdict: Callable[[dict[str, Any]], tuple[str, str]]
+
+
+_REGISTRY: dict[str, Experiment] = {}
+
+
+def register(experiment: Experiment) -> Experiment:
+    """Adds ``experiment`` to the registry (its name must be new)."""
+    if experiment.name in _REGISTRY:
+        raise ValueError(f"Experiment {experiment.name!r} is registered twice.")
+    _REGISTRY[experiment.name] = experiment
+    return experiment
+
+
+def registry() -> dict[str, Experiment]:
+    """Every experiment, by name, in the order of the paper (imports their modules once)."""
+    # in the paper's order; importing a module registers its experiment
+    from . import (
+        _rotation_grid,  # noqa: F401
+        _weight_decay,  # noqa: F401
+    )
+    from . import _lars  # noqa: F401  # isort: skip
+
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Experiment:
+    """The experiment ``name``; a ``KeyError`` listing the valid names otherwise."""
+    experiments = registry()
+    if name not in experiments:
+        raise KeyError(f"unknown experiment {name!r}; choose from {', '.join(experiments)}")
+    return experiments[name]

@@ -1,0 +1,176 @@
+"""Pieces every experiment shares: training, per-run summaries, plotted curves, verdict rules.
+
+Verdict rules are fixed in advance and stated where they are used:
+
+* accuracies are compared against their sampling noise: the standard error of a difference of
+  two accuracies measured on ``n`` test examples, ``se = sqrt(p1 (1 - p1) / n + p2 (1 - p2) /
+  n)``; a difference beyond ``2 se`` (≈95%) decides, within it the result is inconclusive
+  (or, for an "on par" claim, agrees);
+* per-layer quantities (rotation, norms) are deterministic for a seed, and every layer is one
+  observation: a claim "A > B" agrees when it holds for every layer, does not reproduce when
+  the opposite holds for every layer, and is inconclusive otherwise;
+* a trend ("the higher ρ(0), the higher ...") uses Spearman's rank correlation ``r`` over the
+  runs: ``r ≥ 0.5`` agrees, ``r ≤ -0.5`` does not reproduce, in between inconclusive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import AGREES, INCONCLUSIVE, NOT_REPRODUCED, ExperimentConfig
+
+__all__ = [
+    "accuracy_se",
+    "combine",
+    "compare_accuracies",
+    "compare_layers",
+    "epoch_curves",
+    "history_curves",
+    "panels",
+    "rank_trend",
+    "run_summary",
+    "selected",
+    "train_runs",
+    "trend_status",
+]
+
+TREND = 0.5  # |Spearman r| that decides a trend
+
+
+def train_runs(name: str, config: ExperimentConfig, train_config: Any, groups: Sequence[Any]):
+    """Sets up the task, trains ``groups`` with the one training loop; returns ``(task,
+    {run key: RunResult}, identity)``."""
+    from .. import _report, _train
+
+    task = _train.setup(train_config)
+    results = _train.train(task, groups, progress=config.progress)
+    identity = _report.run_identity(
+        "reproduce", train_config, task, experiment=name, quick=config.quick
+    )
+    return task, results, identity
+
+
+def run_summary(res: Any, order: Sequence[str]) -> dict[str, Any]:
+    """JSON-ready numbers of one run: hyperparameters, final figures, curves per epoch."""
+    return {
+        "label": res.run.label,
+        "hparams": dict(res.run.hparams),
+        "diverged_at": res.diverged_at,
+        "final": res.final(order),
+        "final_cosine_distance": dict(zip(order, res.final_cosine_distance(order))),
+        "epoch_loss": res.epoch_loss,
+        "eval_epochs": res.eval_epochs,
+        "train_acc": res.train_acc,
+        "test_acc": res.test_acc,
+        "val_acc": res.val_acc,
+    }
+
+
+def history_curves(
+    hist: Any, order: Sequence[str], name: str = "cosine_distance", steps_per_epoch: int = 1
+) -> dict[str, Any]:
+    """The numbers a figure draws from a history: ``{"epoch": x, "layers": {path: y}}`` with
+    ``x = step / steps_per_epoch`` of every record."""
+    values = hist.get(name, list(order))
+    return {"epoch": hist.steps / float(steps_per_epoch), "layers": values}
+
+
+def epoch_curves(hist: Any, order: Sequence[str]) -> dict[str, Any]:
+    """Per-epoch rotation ``{"epoch": e, "layers": {path: rotation}}`` of a history."""
+    epochs, rot = hist.per_epoch_rotation(list(order))
+    return {"epoch": epochs, "layers": rot}
+
+
+def accuracy_se(p1: float, p2: float, n: int) -> float:
+    """Standard error of ``p1 - p2``, two accuracies each measured on ``n`` examples."""
+    return math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
+
+
+def compare_accuracies(a: float, b: float, n: int, claim: str) -> tuple[str, float, float]:
+    """``(status, a - b, se)`` of the claim ``"greater"`` (a > b) or ``"on_par"`` (a ≈ b).
+
+    Examples:
+      >>> compare_accuracies(0.80, 0.70, 1000, "greater")[0]
+      'agrees'
+      >>> compare_accuracies(0.71, 0.70, 1000, "greater")[0]
+      'inconclusive'
+      >>> compare_accuracies(0.71, 0.70, 1000, "on_par")[0]
+      'agrees'
+    """
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return INCONCLUSIVE, math.nan, math.nan
+    delta, se = a - b, accuracy_se(a, b, n)
+    if claim == "on_par":
+        return (AGREES if abs(delta) <= 2 * se else NOT_REPRODUCED), delta, se
+    if claim != "greater":
+        raise ValueError(f"claim must be 'greater' or 'on_par'; got {claim!r}.")
+    if delta > 2 * se:
+        return AGREES, delta, se
+    return (NOT_REPRODUCED if delta < -2 * se else INCONCLUSIVE), delta, se
+
+
+def compare_layers(a: Sequence[float], b: Sequence[float], claim: str = "greater") -> str:
+    """Per-layer claim ``a > b`` (``"greater"``) or ``a < b`` (``"less"``), every layer one
+    observation.
+
+    Examples:
+      >>> compare_layers([2, 3], [1, 1]), compare_layers([2, 0], [1, 1]), compare_layers([0], [1])
+      ('agrees', 'inconclusive', 'does not reproduce at this scale')
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if claim == "less":
+        a, b = b, a
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return INCONCLUSIVE
+    if np.all(a > b):
+        return AGREES
+    return NOT_REPRODUCED if np.all(a < b) else INCONCLUSIVE
+
+
+def rank_trend(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``y`` with ``x`` over the finite pairs (NaN if < 3).
+
+    Examples:
+      >>> rank_trend([1, 2, 3, 4], [10, 20, 15, 40])
+      0.8
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3:
+        return math.nan
+    rx, ry = (np.argsort(np.argsort(v[keep])).astype(float) for v in (x, y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry / denom) if denom > 0 else math.nan
+
+
+def trend_status(r: float) -> str:
+    """Status of an increasing-trend claim from Spearman's ``r`` (see the module docstring)."""
+    if not math.isfinite(r):
+        return INCONCLUSIVE
+    return AGREES if r >= TREND else (NOT_REPRODUCED if r <= -TREND else INCONCLUSIVE)
+
+
+def combine(statuses: Sequence[str]) -> str:
+    """One status for several sub-claims: agrees if all agree, does not reproduce if any does
+    not, inconclusive otherwise."""
+    if all(s == AGREES for s in statuses):
+        return AGREES
+    return NOT_REPRODUCED if NOT_REPRODUCED in statuses else INCONCLUSIVE
+
+
+def panels(figure: Any, n: int, *, sharey: bool = True):
+    """``n`` axes in one row of ``figure`` (a Figure or SubFigure), sharing y."""
+    return list(np.ravel(figure.subplots(1, n, sharey=sharey, squeeze=False)))
+
+
+def selected(runs: Mapping[str, Any], keys: Sequence[str], by: str = "val_acc") -> str:
+    """The key among ``keys`` whose run has the best final ``by`` accuracy (a run that
+    diverged, NaN, is never chosen unless all did: then the first key)."""
+    score = lambda k: runs[k]["final"][by]
+    finite = [k for k in keys if score(k) is not None and math.isfinite(score(k))]
+    return max(finite, key=score) if finite else keys[0]
