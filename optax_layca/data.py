@@ -164,10 +164,14 @@ def standardize(
       ([[-1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0]])
     """
     xtr = np.asarray(x_train, np.float64)
-    mean = xtr.mean(axis=0)
-    std = xtr.std(axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge values: refused after the cast
+        mean = xtr.mean(axis=0)
+        std = xtr.std(axis=0)
     std = np.where(std < eps, 1.0, std)
-    f = lambda a: ((np.asarray(a, np.float64) - mean) / std).astype(np.float32)
+    def f(a):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return ((np.asarray(a, np.float64) - mean) / std).astype(np.float32)
+
     return f(xtr), f(x_test)
 
 
@@ -349,8 +353,8 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 
 def _read_checked_npz(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     """The arrays ``keys`` of a file written with a matching ``checksum``, else None."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
+    try:  # our own handle: np.load leaves it open when the zip is truncated
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             d = {k: np.asarray(f[k]) for k in keys}
             stored = str(f["checksum"])
     except Exception:  # noqa: BLE001 - missing, truncated or foreign file: regenerate
@@ -381,7 +385,7 @@ def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 def _npz(path: str):
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
             if missing:
                 raise DataError(
@@ -395,14 +399,13 @@ def _npz(path: str):
         raise DataError(f"cannot read {path} as a .npz dataset: {type(e).__name__}: {e}") from None
     xtr, ytr, xte, yte = arrays
     check_arrays(xtr, ytr, xte, yte, path)
-    if xtr.ndim == 2:  # (N, D) vectors: one channel, so convolutions see (N, D, 1)
-        xtr, xte = xtr[..., None], xte[..., None]
     return xtr, ytr, xte, yte
 
 
 def _as_float32(x: np.ndarray, what: str) -> np.ndarray:
     """``x`` in float32, refusing values that overflow it (inf after the cast)."""
-    out = np.asarray(x).astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow is reported below, with the feature
+        out = np.asarray(x).astype(np.float32)
     bad = ~np.isfinite(out.reshape(len(out), -1))
     if bad.any():
         raise DataError(
@@ -463,6 +466,8 @@ def load_dataset(
         xtr, xte = standardize(xtr, xte)
     xtr, xte = _as_float32(xtr, f"{name}: x_train"), _as_float32(xte, f"{name}: x_test")
     ytr, yte = ytr.astype(np.int32), yte.astype(np.int32)  # checked: within int32
+    if xtr.ndim == 2:  # (N, D) vectors: one channel, so convolutions see (N, D, 1)
+        xtr, xte = xtr[..., None], xte[..., None]
     return Dataset(name, xtr, ytr, xte, yte, num_classes)
 
 
