@@ -60,6 +60,7 @@ How to add an experiment
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -133,16 +134,17 @@ def register(experiment: Experiment) -> Experiment:
     return experiment
 
 
-def registry() -> dict[str, Experiment]:
-    """Every experiment, by name, in the order of the paper (imports their modules once)."""
-    # in the paper's order; importing a module registers its experiment
-    from . import (
-        _rotation_grid,  # noqa: F401
-        _weight_decay,  # noqa: F401
-    )
-    from . import _lars  # noqa: F401  # isort: skip
+def _paper_order(exp: Experiment) -> tuple:
+    """Experiments sort by paper (authors, year), then by their first figure number."""
+    fig = re.search(r"Fig\. (\d+)", exp.reference.where)
+    return exp.reference.authors, exp.reference.year, int(fig[1]) if fig else 10**6, exp.name
 
-    return dict(_REGISTRY)
+
+def registry() -> dict[str, Experiment]:
+    """Every experiment, by name, in the papers' order (imports their modules once)."""
+    from . import _lars, _rotation_grid, _weight_decay  # noqa: F401  (importing registers)
+
+    return {e.name: e for e in sorted(_REGISTRY.values(), key=_paper_order)}
 
 
 def get(name: str) -> Experiment:
