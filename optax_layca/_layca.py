@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._base import is_concrete, value_at
@@ -19,27 +20,56 @@ from ._layers import (
     Layering,
     LeafLayout,
     check_params,
-    layer_depths,
     layer_dot,
     layer_norm,
+    tensor_layouts,
 )
-from ._multipliers import check_alpha, multiplier_at_depth
+from ._multipliers import check_alpha, init_layer_depths, multiplier_at_depth
 
 DEFAULT_PARALLEL_TOL = 1e-3
 # Fused Layca recomputes ‖s⊥‖² in a second pass when ‖s‖/‖s⊥‖ exceeds this (float32 error of
 # the one-pass c − b²/a is then above ~1e-6 relative).
 PRECISE_RATIO = 4.0
 
+NON_LAYER_POLICIES = ("freeze", "base")
+NORMALIZE_POLICIES = ("pass", "normalize")
 
-def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
+
+def check_non_layer(
+    non_layer: str, where: str, allowed: tuple[str, ...] = NON_LAYER_POLICIES
+) -> None:
+    """Raises a ValueError unless ``non_layer`` is one of ``allowed``."""
+    if non_layer not in allowed:
+        raise ValueError(f"`{where}(non_layer=...)` must be one of {allowed}; got {non_layer!r}.")
+
+
+def check_min_step_norm(min_step_norm: float, where: str) -> None:
+    """Raises a ValueError unless ``min_step_norm`` is a finite float >= 0 (or traced, as
+    under ``optax.inject_hyperparams``)."""
+    if not is_concrete(min_step_norm):
+        return
+    if np.ndim(min_step_norm) != 0 or not 0.0 <= float(min_step_norm) < np.inf:
+        raise ValueError(
+            f"`{where}(min_step_norm=...)` must be a finite float >= 0; got {min_step_norm!r}."
+        )
+
+
+def initial_layer_norms(
+    params: Any, layering: Layering, transform: str, non_layer: str = "pass"
+) -> Any:
     """‖w⁰‖ per layer (float32, reduced axes kept; a 0-d zero for non-layer leaves).
 
     A zero-norm layer can never rotate under a norm-pinning transform, so when ``params`` are
-    concrete this raises a ValueError naming the leaf.
+    concrete this raises a ValueError naming the leaf. With ``non_layer="normalize"``
+    non-layer leaves get their own norm too (whole, or per block: see
+    :func:`~optax_layca._layers.tensor_layouts`), zero allowed (a zero bias stays 0).
     """
+    tensors = tensor_layouts(params, layering) if non_layer == "normalize" else None
 
     def norm(lo, w):
         if not lo.is_layer:
+            if tensors is not None:
+                return layer_norm(w, tensors[lo.path])
             return jnp.zeros((), jnp.float32)
         n = layer_norm(w, lo)
         if is_concrete(n) and bool(jnp.any(n == 0)):
@@ -112,14 +142,17 @@ def scale_to_weight_norm(
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
+    non_layer: str = "pass",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Layca op 2 (rotation-based normalisation): rescales each layer's step to ‖w‖.
 
     .. math::
       s \leftarrow s \, \frac{\lVert w \rVert}{\lVert s \rVert}
 
-    A zero step stays zero (never NaN). Non-layer leaves pass through unchanged. Without op 1
-    this is the normalisation of LARS/NGadap.
+    A zero step stays zero (never NaN), and so does the step of a zero tensor. Non-layer
+    leaves pass through unchanged (``non_layer="pass"``), or are normalised to their own norm
+    too (``"normalize"``, whole or per stacked block), as the authors' LARS normalises every
+    tensor. Without op 1 this is the normalisation of LARS/NGadap.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -128,15 +161,19 @@ def scale_to_weight_norm(
       >>> u["kernel"].tolist()
       [[0.0, 5.0]]
     """
+    check_non_layer(non_layer, "scale_to_weight_norm", NORMALIZE_POLICIES)
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        tensors = tensor_layouts(params, layering) if non_layer == "normalize" else None
 
         def scale(lo, s, w):
             if not lo.is_layer:
-                return s
+                if tensors is None:
+                    return s
+                lo = tensors[lo.path]
             ns, nw = layer_norm(s, lo), layer_norm(w, lo)
             k = jnp.where(ns > 0, nw / jnp.where(ns > 0, ns, 1.0), 0.0)
             return (s.astype(jnp.float32) * k).astype(s.dtype)
@@ -208,6 +245,7 @@ def cap_norm_increase(
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
+    non_layer: str = "pass",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The papers' LARS safeguard: caps each layer's norm growth per step.
 
@@ -223,6 +261,9 @@ def cap_norm_increase(
     Args:
       max_increase: ``δ``, allowed growth per step relative to the initial norm (1e-4 in the
         paper's footnote 7).
+      non_layer: ``"pass"`` (non-layer leaves unchanged) or ``"normalize"`` (capped like
+        layers, relative to their own initial norm; a zero tensor may not grow at all, as in
+        the authors' LARS).
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -237,18 +278,24 @@ def cap_norm_increase(
     """
     if is_concrete(max_increase) and not float(max_increase) >= 0:
         raise ValueError(f"`cap_norm_increase(max_increase=...)` must be >= 0; got {max_increase}.")
+    check_non_layer(non_layer, "cap_norm_increase", NORMALIZE_POLICIES)
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def init_fn(params):
-        return InitialNormState(initial_layer_norms(params, layering, "cap_norm_increase"))
+        return InitialNormState(
+            initial_layer_norms(params, layering, "cap_norm_increase", non_layer)
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        tensors = tensor_layouts(params, layering) if non_layer == "normalize" else None
 
         def cap(lo, u, w, n0):
             if not lo.is_layer:
-                return u
+                if tensors is None:
+                    return u
+                lo = tensors[lo.path]
             w32 = w.astype(jnp.float32)
             new = w32 + u.astype(jnp.float32)
             n, n_new = layer_norm(w32, lo), layer_norm(new, lo)
@@ -262,7 +309,13 @@ def cap_norm_increase(
 
 
 def layca_layer_update(
-    lo: LeafLayout, s: jax.Array, w: jax.Array, n0: jax.Array, rho: jax.Array, parallel_tol: float
+    lo: LeafLayout,
+    s: jax.Array,
+    w: jax.Array,
+    n0: jax.Array,
+    rho: jax.Array,
+    parallel_tol: float,
+    min_step_norm: float = 0.0,
 ) -> jax.Array:
     """Fused Layca ops 1–4 for one layer leaf at per-layer rate ``rho`` (see :func:`scale_by_layca`).
 
@@ -291,6 +344,9 @@ def layca_layer_update(
     near_parallel = jnp.any(has_norm & (PRECISE_RATIO**2 * proj2 < c))
     proj2, b = jax.lax.cond(near_parallel, second_pass, lambda: (proj2, b))
     moves = has_norm & (proj2 > parallel_tol**2 * c)
+    # The authors' guard: absolute, on the lr-scaled projected step ρ‖s⊥‖ (written so that a
+    # NaN ρ still propagates).
+    moves = moves & ~(rho * rho * proj2 <= min_step_norm**2)
     root_a = jnp.sqrt(a_safe)
     # ŝ = (s - (b/a) w) · inv, with ‖ŝ‖ = ‖w‖.
     inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
@@ -314,7 +370,7 @@ class ScaleByLaycaState(NamedTuple):
       count: number of updates so far (int32), for learning-rate and α schedules.
       initial_norm: ‖w⁰‖ per layer (float32, reduced axes kept).
       layer_depth: layer index per leaf (int32, -1 for non-layers).
-      num_layers: ``L`` (int32).
+      num_layers: ``L`` (int32); 0 when no forward order was known at ``init`` (α was 0).
     """
 
     count: jax.Array
@@ -323,24 +379,17 @@ class ScaleByLaycaState(NamedTuple):
     num_layers: jax.Array
 
 
-NON_LAYER_POLICIES = ("base", "freeze")
-
-
-def check_non_layer(non_layer: str, where: str) -> None:
-    if non_layer not in NON_LAYER_POLICIES:
-        raise ValueError(f"`{where}(non_layer=...)` must be one of {NON_LAYER_POLICIES}; got {non_layer!r}.")
-
-
 def scale_by_layca(
     learning_rate: ScalarOrSchedule,
     alpha: ScalarOrSchedule = 0.0,
     layer_order: LayerOrder = None,
     *,
-    non_layer: str = "base",
+    non_layer: str = "freeze",
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
     parallel_tol: float = DEFAULT_PARALLEL_TOL,
+    min_step_norm: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Layca ops 1–4 and Eq. 1 fused: one reduction pass per layer.
 
@@ -361,17 +410,22 @@ def scale_by_layca(
     scale_by_learning_rate, project_to_initial_norm`` to float tolerance, reading each tensor
     twice. Each layer rotates by exactly ``arctan(ρ_l(t))`` per step and keeps ``‖w⁰‖``.
 
-    Non-layer leaves (biases, norm scales) follow ``non_layer``: ``"base"`` updates them with
-    ``-η(t) s`` (the base optimizer with the plain learning rate); ``"freeze"`` gives 0.
+    Non-layer leaves (biases, norm scales) follow ``non_layer``: ``"freeze"`` (default)
+    gives 0, so they keep their initial values as in the authors' code ("only kernels are
+    optimized"); ``"base"`` updates them with ``-η(t) s`` (the base optimizer with the plain
+    learning rate).
 
     Args:
       learning_rate: ``η(t)``, the rotation per step of a multiplier-1 layer is
         ``arctan(η(t))``; a float or an optax schedule.
       alpha: Eq. 1 prioritisation in ``[-1, 1]`` (or a schedule).
       layer_order: forward order of layer paths (None: natural sort).
-      non_layer: ``"base"`` or ``"freeze"``.
+      non_layer: ``"freeze"`` or ``"base"``.
       is_layer, layer_axis, per_unit: see :func:`project_orthogonal`.
       parallel_tol: relative threshold for a step parallel to ``w`` (projected to 0).
+      min_step_norm: absolute threshold: a layer whose lr-scaled projected step has
+        ``ρ_l ‖s_⊥‖ ≤ min_step_norm`` does not move. 0 (default) disables it; the authors'
+        code uses 1e-7 (Keras' ``K.epsilon()``), see ``docs/fidelity.md``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (needs ``params``).
@@ -386,15 +440,16 @@ def scale_by_layca(
     """
     check_alpha(alpha, "scale_by_layca(alpha=...)")
     check_non_layer(non_layer, "scale_by_layca")
+    check_min_step_norm(min_step_norm, "scale_by_layca")
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def init_fn(params):
-        depth, num_layers = layer_depths(params, layering, layer_order)
+        depth, num_layers = init_layer_depths(params, layering, layer_order, alpha)
         return ScaleByLaycaState(
             count=jnp.zeros((), jnp.int32),
             initial_norm=initial_layer_norms(params, layering, "scale_by_layca"),
             layer_depth=depth,
-            num_layers=jnp.asarray(num_layers, jnp.int32),
+            num_layers=num_layers,
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -409,7 +464,7 @@ def scale_by_layca(
                     return jnp.zeros_like(s)
                 return (-lr * s.astype(jnp.float32)).astype(s.dtype)
             rho = lr * multiplier_at_depth(a_t, depth, state.num_layers)
-            return layca_layer_update(lo, s, w, n0, rho, parallel_tol)
+            return layca_layer_update(lo, s, w, n0, rho, parallel_tol, min_step_norm)
 
         updates = layering.map(fused, updates, params, state.initial_norm, state.layer_depth)
         return updates, state._replace(count=optax.safe_increment(state.count))

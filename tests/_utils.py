@@ -217,16 +217,23 @@ class Reference:
     """Layca (or the LARS variant) on an MLP-shaped params dict, one step at a time (float64).
 
     Layers are the kernels ``Dense_i/kernel`` in index order; ``‖w⁰‖`` is taken from
-    ``params0``. Biases follow ``non_layer`` (``"base"``: ``w -= lr * s``; ``"freeze"``: kept).
+    ``params0``. Biases follow ``non_layer`` (``"base"``: ``w -= lr * s``; ``"freeze"``: kept;
+    ``"normalize"``: the LARS step of their own norm at their layer's rate; default: the
+    library's, ``"freeze"`` for Layca and ``"normalize"`` for LARS, as in the authors' code).
     ``step(params, grads)`` may be fed any params (e.g. the library's, to check one step).
     """
 
     def __init__(
-        self, params0, lr, alpha=0.0, direction="sgd", variant="layca", non_layer="base", lr_at=None
+        self, params0, lr, alpha=0.0, direction="sgd", variant="layca", non_layer=None, lr_at=None
     ):
+        if non_layer is None:
+            non_layer = "freeze" if variant == "layca" else "normalize"
         self.names = sorted(params0, key=lambda k: int(k.split("_")[1]))
         self.w0 = {
             k: np.linalg.norm(np.asarray(params0[k]["kernel"], np.float64)) for k in self.names
+        }
+        self.b0 = {
+            k: np.linalg.norm(np.asarray(params0[k]["bias"], np.float64)) for k in self.names
         }
         self.opt = NumpyAdam() if direction == "adam" else NumpySGD()
         self.lr, self.alpha, self.variant, self.non_layer = lr, alpha, variant, non_layer
@@ -244,7 +251,11 @@ class Reference:
             rho = eq1_multiplier(self.alpha, l, L) * eta
             fn = layca_step_np if self.variant == "layca" else lars_step_np
             kernel = fn(p[k]["kernel"], s[k]["kernel"], self.w0[k], rho)
-            bias = p[k]["bias"] - eta * s[k]["bias"] if self.non_layer == "base" else p[k]["bias"]
+            bias = p[k]["bias"]
+            if self.non_layer == "base":
+                bias = bias - eta * s[k]["bias"]
+            elif self.non_layer == "normalize":
+                bias = lars_step_np(bias, s[k]["bias"], self.b0[k], rho)
             new[k] = {"kernel": kernel, "bias": bias}
         return new
 
@@ -257,7 +268,7 @@ def reference_run(
     alpha=0.0,
     direction="sgd",
     variant="layca",
-    non_layer="base",
+    non_layer=None,
     lr_at=None,
 ):
     """``steps`` free-running steps of :class:`Reference`; returns params after every step
@@ -273,3 +284,37 @@ def reference_run(
 
 def to_jax(params):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+# ----------------------------------------------------------------------------- a small LCA run
+
+
+def small_lca_run(steps=3, iterations=(10, 11, 12)):
+    """LCA of ``steps`` SGD steps of a 4-6-3 tanh classifier on 40 examples (with labels):
+    ``(list of LCAResult, LCAHistory)``, for tests that consume LCA results."""
+    import jax.numpy as jnp
+    import optax
+
+    from optax_layca import lca
+
+    params = jax.tree.map(jnp.asarray, init_mlp((4, 6, 3), seed=2))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 40).astype(np.int32)
+
+    def loss_fn(p, batch):
+        xb, yb = batch
+        h = jnp.tanh(xb @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+
+    opt = optax.sgd(0.3)
+    state, traj = opt.init(params), [params]
+    for _ in range(steps):
+        g = jax.grad(lambda q: jnp.mean(loss_fn(q, (x, y))))(traj[-1])
+        u, state = opt.update(g, state)
+        traj.append(optax.apply_updates(traj[-1], u))
+    results = [
+        lca.allocate(loss_fn, a, b, (x, y), batch_size=16, labels=y) for a, b in zip(traj, traj[1:])
+    ]
+    return results, lca.stack_results(results, iterations=list(iterations))

@@ -156,7 +156,7 @@ def test_matches_layca_at_constant_rate():
     table = {f"Dense_{i}/kernel": [np.arctan(rho)] for i in range(3)}
     copy = adapt_copy(table, non_layer_learning_rate=rho)
     a, _ = jax.jit(copy.update)(g, copy.init(params), params)
-    tx = ol.layca(rho)
+    tx = ol.layca(rho, non_layer="base")  # biases at rate ρ, as non_layer_learning_rate
     b, _ = jax.jit(tx.update)(g, tx.init(params), params)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-8)

@@ -69,8 +69,10 @@ def nonzero_layers(params):
 TRANSFORMS = {
     "layca_fused": lambda: ol.layca(0.1),
     "layca_chain": lambda: ol.layca(0.1, fused=False),
-    "layca_adam": lambda: ol.layca(0.1, base=optax.scale_by_adam(), alpha=0.5),
-    "lars": lambda: ol.lars(0.1, alpha=-0.5),
+    # α ≠ 0 needs a forward order; any order of the random tree's layers will do here.
+    "layca_adam": lambda p: ol.layca(0.1, base=optax.scale_by_adam(), alpha=0.5,
+                                     layer_order=ol.layer_paths(p)),
+    "lars": lambda p: ol.lars(0.1, alpha=-0.5, layer_order=ol.layer_paths(p)),
     "per_unit": lambda: ol.layca(0.1, per_unit=True),
     "project_orthogonal": lambda: ol.project_orthogonal(),
     "scale_to_weight_norm": lambda: ol.scale_to_weight_norm(),
@@ -95,7 +97,8 @@ def test_finite_in_finite_out_structure_and_dtype(name, tree):
         return
     if name in ("layca_adam", "monitor_adam") and any(x.dtype == jnp.float16 for x in jax.tree.leaves(params)):
         return  # optax's own scale_by_adam gives 0/0 = NaN in float16 (eps underflows)
-    tx = TRANSFORMS[name]()
+    factory = TRANSFORMS[name]
+    tx = factory(params) if name in ("layca_adam", "lars") else factory()
     state = tx.init(params)
     updates, state = tx.update(grads, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)

@@ -68,6 +68,12 @@ class RotationHistory:
     ``step`` should be the number of updates applied so far (the monitor's ``rotation_step``).
     The per-epoch rotation keeps one copy of the layers (on device) from boundary to boundary.
 
+    The authors' curves (``LayerwiseAngleDeviationCurves``) record after the *first* update of
+    every epoch and draw record ``k`` at epoch ``k + 1``, after a prepended 0 at epoch 0. For
+    the same points, record every step without ``epoch=`` under
+    ``every=lambda step: (step - 1) % steps_per_epoch == 0`` and plot
+    ``x = 1 + (steps - 1) // steps_per_epoch`` (see ``docs/fidelity.md``).
+
     Args:
       every: record schedule, an int ``k > 0`` or ``callable(step) -> bool``.
       is_layer, layer_axis, per_unit: layer grouping, as given to :func:`track_rotation`
