@@ -321,6 +321,13 @@ def _lca_recorders(task: Task, groups: Sequence[Group], tol: float) -> dict[str,
     return recorders
 
 
+def lca_layers(task: Task) -> list[str]:
+    """The LCA "layers" (modules, Lan et al., 2019 §4) of the task's layers, in forward order."""
+    from .._layers import module_path
+
+    return list(dict.fromkeys(module_path(p) for p in task.order))
+
+
 def lca_analysis(task: Task, runs: Mapping[str, Any], iters: int) -> tuple[dict, Any, Any, str]:
     """Per-layer cumulative LCA, helping fraction, moments of learning and the error table
     (Lan et al., 2019 §3–4, Table S1) of the first run; ``(numbers, history, moments, table)``."""
@@ -330,8 +337,8 @@ def lca_analysis(task: Task, runs: Mapping[str, Any], iters: int) -> tuple[dict,
     h = runs[main]["rk4"]
     cum = lca.cumulative_per_layer(h)
     fractions = lca.helping_fraction(h)
-    # moments per class and per kernel, in forward order (a bias moves with its kernel)
-    kidx = [h.layer_names.index(p) for p in task.order]
+    # moments per class and per layer (module: a bias moves with its kernel), forward order
+    kidx = [h.layer_names.index(m) for m in lca_layers(task)]
     curves = h.per_class[:, :, kidx] if h.per_class is not None else h.per_layer[:, kidx]
     moments = lca.moments_of_learning(
         curves, k=max(3, iters // 10), num_shuffles=100, seed=task.config.seed
@@ -341,7 +348,7 @@ def lca_analysis(task: Task, runs: Mapping[str, Any], iters: int) -> tuple[dict,
     )
     numbers = {
         "main_run": runs[main]["label"],
-        "leaves": list(h.layer_names),
+        "layers": list(h.layer_names),
         "per_layer": h.per_layer,
         "loss_change": h.loss_change,
         "cumulative_per_layer": {k: v[-1] for k, v in cum.items()},
@@ -369,7 +376,7 @@ def lca_figures(task: Task, history: Any, moments: Any, out: str) -> list[str]:
     cum = lca.cumulative_per_layer(history)
     it = np.arange(1, len(history) + 1)
     fig = plot.training_curves_figure(
-        {p: (it, cum[p]) for p in task.order},
+        {m: (it, cum[m]) for m in lca_layers(task)},
         xlabel="iteration",
         ylabel="cumulative LCA (negative = helped)",
         title="Cumulative LCA per layer",
@@ -384,13 +391,13 @@ def lca_figures(task: Task, history: Any, moments: Any, out: str) -> list[str]:
     save = lambda f, name: _report.save_figure(f, os.path.join(out, name))
     names = [
         save(fig, "lca_curves.png"),
-        save(plot.lca_per_layer_figure(history), "lca_per_layer.png"),
+        save(plot.lca_per_layer_figure(history, layers=lca_layers(task)), "lca_per_layer.png"),
     ]
     if history.per_param is not None:
         names.append(save(plot.helping_fraction_figure(history), "helping_fraction.png"))
     names.append(
         save(
-            plot.moments_raster_figure(moments, layer_names=list(task.order)), "moments_raster.png"
+            plot.moments_raster_figure(moments, layer_names=lca_layers(task)), "moments_raster.png"
         )
     )
     return names
@@ -478,7 +485,7 @@ def lca_report(record: Mapping[str, Any], error_table: str) -> str:
         f"Cumulative error {summary['cumulative_error_pct']:.3g}% of the total loss change; "
         f"{summary['num_unconverged']} iteration(s) did not reach the tolerance.",
         "",
-        _report.md_table(["leaf", "cumulative LCA", "share of the total", ""], rows),
+        _report.md_table(["layer", "cumulative LCA", "share of the total", ""], rows),
         "",
         *(f"![{name[:-4]}]({name})\n" for name in figures),
         "## First-order vs RK4 error (Lan et al., 2019 Table S1)",
