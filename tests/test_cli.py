@@ -13,11 +13,12 @@ import pytest
 from optax_layca.app import _commands, _report, cli
 
 OPTIMIZERS = tuple(_commands.DEMO_OPTIMIZERS)
+QUICK = cli.QUICK_DEMO  # demo --quick: SGD, SGD + weight decay, Layca, LARS
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """One quick demo (MNIST-1D, 6-layer MLP, every optimizer), shared by the tests below."""
+    """One quick demo (MNIST-1D, 6-layer MLP), shared by the tests below."""
     out = tmp_path_factory.mktemp("demo")
     assert cli.main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
     return out, _report.read_json(str(out / "results.json"))
@@ -33,7 +34,7 @@ def test_demo_writes_every_file_with_its_identity(demo):
     assert ident["command"] == "demo" and ident["seed"] == 0
     assert ident["config"]["model"] == "deep" and ident["dataset"]["name"] == "mnist1d"
     assert len(ident["dataset"]["fingerprint"]) == 32 and ident["versions"]["optax_layca"]
-    assert list(record["runs"]) == list(OPTIMIZERS)
+    assert list(record["runs"]) == list(QUICK) and set(QUICK) < set(OPTIMIZERS)
     assert len(ident["layers"]) == 6  # the default model is deep enough for α to matter
 
 
@@ -79,7 +80,7 @@ def test_figures_show_every_run_and_layer(demo):
         fig = histories_panels(kind, hists, layers, title="t",
                                steps_per_epoch=record["identity"]["steps_per_epoch"])
         panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
-        assert len(panels) == len(OPTIMIZERS)
+        assert len(panels) == len(QUICK)
         assert all([ln.get_label() for ln in ax.lines] == layers for ax in panels)
         (bar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
         assert "depth" in bar.get_ylabel() and len(bar.get_yticks()) == len(layers)

@@ -37,12 +37,13 @@ DEFAULT_OUT = "optax_layca_out"
 COMMANDS = ("demo", "sweep", "lca", "reproduce")
 MODEL_NAMES = ("fc", "deep", "mlp", "cnn", "resnet")  # optax_layca.models.MODELS (no flax here)
 DEMO_KEYS = ("sgd", "sgd_wd", "adam", "layca", "adam_layca", "lars")
+QUICK_DEMO = ("sgd", "sgd_wd", "layca", "lars")
 MAX_SEED = 2**32 - 1
 # per command: (dataset, model, epochs, quick epochs, quick training examples)
 DEFAULTS = {
     "demo": ("mnist1d", "deep", 40, 3, 1024),
     "sweep": ("mnist1d", "deep", 20, 3, 1000),
-    "lca": ("digits", "fc", None, None, None),
+    "lca": ("digits", "fc", None, None, 128),
 }
 
 
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument(
         "--iters",
         type=_int_in("--iters", 1),
-        help="training iterations analysed (default 150; 40 with --quick)",
+        help="training iterations analysed (default 150; 20 with --quick, on 128 examples)",
     )
     length.add_argument(
         "--epochs",
@@ -247,13 +248,15 @@ def _run(args: argparse.Namespace) -> None:
     config = _train_config(args)
     progress = not args.no_progress
     if args.command == "demo":
-        _commands.run_demo(config, args.out, progress=progress, which=args.optimizers)
+        # --quick: the papers' core comparison only (three compiled programs instead of five)
+        which = args.optimizers or (QUICK_DEMO if args.quick else None)
+        _commands.run_demo(config, args.out, progress=progress, which=which)
     elif args.command == "sweep":
         ks = args.ks or ([-5, -3, -1] if args.quick else [-6, -5, -4, -3, -2, -1])
         alphas = args.alphas or ([-0.6, 0.0, 0.6] if args.quick else [-0.8, -0.4, 0.0, 0.4, 0.8])
         _commands.run_sweep(config, args.out, ks=ks, alphas=alphas, progress=progress)
     else:
-        iters = args.iters or (40 if args.quick else 150)
+        iters = args.iters or (20 if args.quick else 150)
         if args.epochs is not None:
             iters = None  # whole epochs: the training length decides
         _commands.run_lca(config, args.out, lr=args.lr, iters=iters, progress=progress)
@@ -271,6 +274,7 @@ def _train_config(args: argparse.Namespace):
             seed=args.seed,
             epochs=args.epochs or 1,
             records_per_epoch=1,
+            num_train=quick_train if args.quick else None,  # each step: ~3 passes over it
         )
     return TrainConfig(
         dataset=args.dataset,

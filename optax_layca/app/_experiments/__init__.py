@@ -42,15 +42,17 @@ How to add an experiment
    * ``verdict(results) -> (status, text)``: ``status`` one of :data:`STATUSES`, ``text`` the
      measured numbers against the claim, in a sentence or two.
 
-3. Register it at the bottom of the module and import the module in :func:`registry` below::
+3. Register it at the bottom of the module (``Experiment(name, reference, claim, stand_in,
+   run, figure, verdict)``) and import the module in :func:`registry` below::
 
-      register(Experiment(
-          name="my-experiment",
-          reference=Reference("Carbonnelle & De Vleeschouwer", 2019, "Fig. 5"),
-          claim="the paper's sentence, quoted",
-          stand_in="MNIST-1D, 6-layer MLP, 30 epochs stand in for CIFAR-10, VGG-25, 100 epochs",
-          run=run, figure=figure, verdict=verdict,
+      EXPERIMENT = register(Experiment(
+          "my-experiment", CARBONNELLE_2019.at("Fig. 5"),
+          "the paper's sentence, quoted word for word",
+          "MNIST-1D, 6-layer MLP, 30 epochs stand in for CIFAR-10, VGG-25, 100 epochs",
+          run, figure, verdict,
       ))
+
+   The experiments sort by paper and first figure number (``reproduce --list``).
 
 4. Add ``tests/test_reproduce_<name>.py`` running ``reproduce <name> --quick`` through
    :func:`optax_layca.app.cli.main`: files written, the figure's panels, finite numbers, and
@@ -66,6 +68,7 @@ from typing import Any
 
 __all__ = [
     "AGREES",
+    "CARBONNELLE_2019",
     "INCONCLUSIVE",
     "NOT_REPRODUCED",
     "STATUSES",
@@ -97,6 +100,15 @@ class Reference:
     def cite(self) -> str:
         """``"Authors, year, where"``."""
         return f"{self.authors}, {self.year}, {self.where}"
+
+    def at(self, where: str) -> Reference:
+        """The same paper, another figure or table."""
+        return dataclasses.replace(self, where=where)
+
+
+CARBONNELLE_2019 = Reference("Carbonnelle & De Vleeschouwer", 2019, "")
+"""Carbonnelle & De Vleeschouwer, `An experimental study of layer-level training speed and
+its impact on generalization`, 2019 (use ``CARBONNELLE_2019.at("Fig. 2a")``)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,9 +29,11 @@ __all__ = [
     "accuracy_se",
     "combine",
     "compare_accuracies",
+    "curve_panels",
     "compare_layers",
     "epoch_curves",
     "history_curves",
+    "mnist1d_config",
     "panels",
     "rank_trend",
     "run_summary",
@@ -42,6 +44,31 @@ __all__ = [
 
 TREND = 0.5  # |Spearman r| that decides a trend
 MIN_TREND_RUNS = 4  # fewer: a perfect ordering is not unlikely by chance (1/3! = 0.17)
+
+
+def mnist1d_config(
+    config: ExperimentConfig,
+    *,
+    records_per_epoch: int = 4,
+    validation: float = 0.1,
+    every_epoch: bool = False,
+) -> Any:
+    """The stand-in training of the papers' experiments: MNIST-1D, the 6-layer MLP, 30 epochs
+    of batch 32 (quick: 3 epochs on 1,000 examples); accuracies measured at the end (or after
+    every epoch)."""
+    from .._train import TrainConfig
+
+    epochs = 3 if config.quick else 30
+    return TrainConfig(
+        dataset="mnist1d",
+        model="deep",
+        epochs=epochs,
+        seed=config.seed,
+        num_train=1000 if config.quick else None,
+        records_per_epoch=records_per_epoch,
+        eval_every=1 if every_epoch else epochs,
+        validation=validation,
+    )
 
 
 def train_runs(name: str, config: ExperimentConfig, train_config: Any, groups: Sequence[Any]):
@@ -170,6 +197,33 @@ def combine(statuses: Sequence[str]) -> str:
 def panels(figure: Any, n: int, *, sharey: bool = True):
     """``n`` axes in one row of ``figure`` (a Figure or SubFigure), sharing y."""
     return list(np.ravel(figure.subplots(1, n, sharey=sharey, squeeze=False)))
+
+
+def curve_panels(
+    figure: Any, results: Mapping[str, Any], keys: Sequence[str], ref: str, title: str
+) -> list:
+    """One panel of layer rotation curves per run ``keys`` (Fig. 2b's axes and colouring),
+    titled with its test accuracy gap Δη to run ``ref`` (as the paper's panels)."""
+    from ... import plot
+    from .._figures import tidy
+
+    runs = results["runs"]
+    axes = panels(figure, len(keys))
+    plot.rotation_curves_figure(
+        {runs[k]["label"]: results["histories"][k] for k in keys},
+        ax=axes,
+        x="epoch",
+        steps_per_epoch=results["identity"]["steps_per_epoch"],
+        layer_order=results["identity"]["layers"],
+        legend=False,
+        colorbar=True,
+    )
+    acc = lambda k: runs[k]["final"]["test_acc"]
+    for ax, k in zip(axes, keys):
+        gap = "—" if None in (acc(k), acc(ref)) else f"{100 * (acc(k) - acc(ref)):+.1f}%"
+        ax.set_title(f"{runs[k]['label']}\nΔη = {gap} (vs {runs[ref]['label']})", fontsize=9)
+    tidy(figure, axes, title)
+    return axes
 
 
 def selected(runs: Mapping[str, Any], keys: Sequence[str], by: str = "val_acc") -> str:

@@ -15,14 +15,22 @@ import numpy as np
 
 from . import (
     AGREES,
+    CARBONNELLE_2019,
     INCONCLUSIVE,
     NOT_REPRODUCED,
     Experiment,
     ExperimentConfig,
-    Reference,
     register,
 )
-from ._common import combine, compare_accuracies, history_curves, panels, run_summary, train_runs
+from ._common import (
+    combine,
+    compare_accuracies,
+    curve_panels,
+    history_curves,
+    mnist1d_config,
+    run_summary,
+    train_runs,
+)
 
 __all__ = ["figure", "run", "verdict"]
 
@@ -45,17 +53,7 @@ def _groups():
 
 def run(config: ExperimentConfig) -> dict[str, Any]:
     """Trains LARS and Layca from the same initialisation on the same batches."""
-    from .._train import TrainConfig
-
-    epochs = 3 if config.quick else 30
-    tc = TrainConfig(
-        dataset="mnist1d",
-        model="deep",
-        epochs=epochs,
-        seed=config.seed,
-        num_train=1000 if config.quick else None,
-        records_per_epoch=4,
-    )
+    tc = mnist1d_config(config, validation=0.0, every_epoch=True)  # the paper's rates
     task, res, identity = train_runs("lars", config, tc, _groups())
     order, spe = task.order, task.steps_per_epoch
     runs = {key: run_summary(r, order) for key, r in res.items()}
@@ -77,27 +75,13 @@ def figure(results: Mapping[str, Any]):
     import matplotlib.pyplot as plt
 
     from ... import plot
-    from .._figures import tidy
 
     runs = results["runs"]
     fig = plt.figure(figsize=(13, 4), layout="constrained")
     curves_ax, acc_ax = fig.subfigures(1, 2, width_ratios=[2, 1])
-    axes = panels(curves_ax, 2)
-    order = list(results["curves"]["lars"]["layers"])
-    plot.rotation_curves_figure(
-        {runs[k]["label"]: results["histories"][k] for k in ("lars", "layca")},
-        ax=axes,
-        x="epoch",
-        steps_per_epoch=results["steps_per_epoch"],
-        layer_order=order,
-        legend=False,
-        colorbar=True,
+    curve_panels(
+        curves_ax, results, ["lars", "layca"], "layca", "Fig. 8: layer-wise angle deviation curves"
     )
-    ref = runs["layca"]["final"]["test_acc"]
-    for ax, k in zip(axes, ("lars", "layca")):
-        delta = 100 * (runs[k]["final"]["test_acc"] - ref)
-        ax.set_title(f"{runs[k]['label']}\nΔη = {delta:+.1f}% (vs Layca)", fontsize=9)
-    tidy(curves_ax, axes, "Fig. 8: layer-wise angle deviation curves")
     ax = acc_ax.subplots()
     plot.training_curves_figure(
         {
@@ -154,18 +138,14 @@ CLAIM = (
     "accuracies are nearly identical."
 )
 
-register(
+STAND_IN = (
+    "MNIST-1D and a 6-layer ReLU MLP (width 64) stand in for C10-CNN1, C100-resnet and "
+    "tiny-CNN; 30 epochs of batch 32 (quick: 3 epochs on 1,000 examples) for 80–100 "
+    "epochs of batch 128; α = 0, ρ(0) = 3^-3 and the norm cap 1e-4 are the paper's."
+)
+
+EXPERIMENT = register(
     Experiment(
-        name="lars",
-        reference=Reference("Carbonnelle & De Vleeschouwer", 2019, "App. A.2, Fig. 8"),
-        claim=CLAIM,
-        stand_in=(
-            "MNIST-1D and a 6-layer ReLU MLP (width 64) stand in for C10-CNN1, C100-resnet and "
-            "tiny-CNN; 30 epochs of batch 32 (quick: 3 epochs on 1,000 examples) for 80–100 "
-            "epochs of batch 128; α = 0, ρ(0) = 3^-3 and the norm cap 1e-4 are the paper's."
-        ),
-        run=run,
-        figure=figure,
-        verdict=verdict,
+        "lars", CARBONNELLE_2019.at("App. A.2, Fig. 8"), CLAIM, STAND_IN, run, figure, verdict
     )
 )

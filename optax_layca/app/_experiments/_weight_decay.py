@@ -15,14 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from . import Experiment, ExperimentConfig, Reference, register
+from . import CARBONNELLE_2019, Experiment, ExperimentConfig, register
 from ._common import (
     combine,
     compare_accuracies,
     compare_layers,
+    curve_panels,
     epoch_curves,
     history_curves,
-    panels,
+    mnist1d_config,
     run_summary,
     selected,
     train_runs,
@@ -49,26 +50,10 @@ def _groups(ks):
     ]
 
 
-def _train_config(config: ExperimentConfig):
-    from .._train import TrainConfig
-
-    epochs = 3 if config.quick else 30
-    return TrainConfig(
-        dataset="mnist1d",
-        model="deep",
-        epochs=epochs,
-        seed=config.seed,
-        num_train=1000 if config.quick else None,
-        records_per_epoch=4,
-        eval_every=epochs,
-        validation=0.1,
-    )
-
-
 def run(config: ExperimentConfig) -> dict[str, Any]:
     """Trains SGD over its learning-rate grid with and without weight decay, and Layca."""
     ks = (-2, -1) if config.quick else (-3, -2, -1, 0)
-    task, res, identity = train_runs("weight-decay", config, _train_config(config), _groups(ks))
+    task, res, identity = train_runs("weight-decay", config, mnist1d_config(config), _groups(ks))
     order, spe = task.order, task.steps_per_epoch
     runs = {key: run_summary(r, order) for key, r in res.items()}
     chosen = {
@@ -129,29 +114,20 @@ def figure(results: Mapping[str, Any]):
     import matplotlib.pyplot as plt
 
     from ... import plot
-    from .._figures import tidy
 
     fig = plt.figure(figsize=(10, 15), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 2.8])
     chosen, runs = results["chosen"], results["runs"]
     roles = ("sgd", "sgd_l2")
     hists = {role: results["histories"][chosen[role]] for role in roles}
-    order = list(results["curves"]["sgd"]["layers"])
-    axes = panels(top, 2)
-    plot.rotation_curves_figure(
-        {runs[chosen[r]]["label"]: hists[r] for r in roles},
-        ax=axes,
-        x="epoch",
-        steps_per_epoch=results["steps_per_epoch"],
-        layer_order=order,
-        legend=False,
-        colorbar=True,
+    order = results["identity"]["layers"]
+    curve_panels(
+        top,
+        results,
+        [chosen[r] for r in roles],
+        "layca",
+        "Fig. 4: layer-wise angle deviation curves, SGD without / with weight decay",
     )
-    ref = runs["layca"]["final"]["test_acc"]
-    for ax, r in zip(axes, roles):
-        delta = 100 * (runs[chosen[r]]["final"]["test_acc"] - ref)
-        ax.set_title(f"{runs[chosen[r]]['label']}\nΔη = {delta:+.1f}% (vs Layca)", fontsize=9)
-    tidy(top, axes, "Fig. 4: layer-wise angle deviation curves, SGD without / with weight decay")
     grid = bottom.subplots(3, 2, sharex=True, sharey="row")
     plot.epoch_rotation_figure(
         {runs[chosen[r]]["label"]: hists[r] for r in roles},
@@ -241,21 +217,23 @@ CLAIM = (
     "norm of gradients (row 2 of Fig. 10)."
 )
 
-register(
+STAND_IN = (
+    "MNIST-1D and a 6-layer ReLU MLP (width 64) stand in for the paper's five CIFAR / "
+    "Tiny ImageNet tasks; 30 epochs of batch 32 (quick: 3 epochs on 1,000 examples) for "
+    "80–250 epochs of batch 128. SGD's learning rate is chosen on 3^-3…3^0 (quick: "
+    "3^-2, 3^-1) on a 10% validation split, with the authors' L2 penalty 1e-3. The "
+    "gradient norm is that of the minibatch at each epoch's last step (the authors "
+    "average per-batch norms over 2,000 training examples)."
+)
+
+EXPERIMENT = register(
     Experiment(
-        name="weight-decay",
-        reference=Reference("Carbonnelle & De Vleeschouwer", 2019, "§5.1, Fig. 4 and Fig. 10"),
-        claim=CLAIM,
-        stand_in=(
-            "MNIST-1D and a 6-layer ReLU MLP (width 64) stand in for the paper's five CIFAR / "
-            "Tiny ImageNet tasks; 30 epochs of batch 32 (quick: 3 epochs on 1,000 examples) for "
-            "80–250 epochs of batch 128. SGD's learning rate is chosen on 3^-3…3^0 (quick: "
-            "3^-2, 3^-1) on a 10% validation split, with the authors' L2 penalty 1e-3. The "
-            "gradient norm is that of the minibatch at each epoch's last step (the authors "
-            "average per-batch norms over 2,000 training examples)."
-        ),
-        run=run,
-        figure=figure,
-        verdict=verdict,
+        "weight-decay",
+        CARBONNELLE_2019.at("§5.1, Fig. 4 and Fig. 10"),
+        CLAIM,
+        STAND_IN,
+        run,
+        figure,
+        verdict,
     )
 )
