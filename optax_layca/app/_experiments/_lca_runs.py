@@ -138,6 +138,7 @@ class LCARun:
     histories: dict[str, Any]
     trajectory: list | None
     result: Any
+    test_loss: float = math.nan
 
 
 def record_lca(
@@ -152,6 +153,7 @@ def record_lca(
     store_per_param: bool = False,
     store_grads: bool = False,
     trajectory: bool = False,
+    test_loss: bool = False,
 ) -> tuple[Any, dict[str, LCARun], dict[str, Any]]:
     """Trains ``groups`` on the stand-in task, allocating every step; returns ``(task,
     {run key: LCARun}, identity)``.
@@ -166,6 +168,7 @@ def record_lca(
       store_per_param, store_grads: keep the per-parameter LCA / the full-dataset gradient at
         the start of each step.
       trajectory: keep the parameters after every step (host copies).
+      test_loss: measure each run's final loss on the test set.
     """
     from ... import lca
     from .. import _report, _train
@@ -197,12 +200,14 @@ def record_lca(
 
     results = _train.train(task, groups, progress=config.progress, on_step=on_step,
                            max_steps=iters)
+    test = lca.Evaluator(loss, (task.data.x_test, task.data.y_test)) if test_loss else None
     runs = {
         run.key: LCARun(
             run.label,
             {m: r.history() for m, r in recorders[run.key].items()},
             snapshots[run.key],
             results[run.key],
+            test.evaluate(results[run.key].params, grad=False).loss if test else math.nan,
         )
         for run in (r for g in groups for r in g.runs)
     }
