@@ -131,14 +131,17 @@ def adam_constant(task: Any, hp: Mapping[str, Any]):
 @dataclasses.dataclass
 class LCARun:
     """What one run leaves: its LCA histories (``"rk4"``, and ``"first_order"`` when asked),
-    the parameter snapshots ``θ_0 … θ_T`` when asked (for the motion), the final parameters and
-    the training result of the loop."""
+    the parameter snapshots ``θ_0 … θ_T`` when asked (for the motion), the training result of
+    the loop, the final test loss when asked, and, when asked, per class ``c`` an
+    ``LCAResult`` whose ``per_param`` is the run's cumulative per-parameter LCA of class
+    ``c``'s share of the loss (``(N_c / N) L_c``, so the classes sum to the loss)."""
 
     label: str
     histories: dict[str, Any]
     trajectory: list | None
     result: Any
     test_loss: float = math.nan
+    class_totals: list | None = None
 
 
 def record_lca(
@@ -154,6 +157,7 @@ def record_lca(
     store_grads: bool = False,
     trajectory: bool = False,
     test_loss: bool = False,
+    class_params: bool = False,
 ) -> tuple[Any, dict[str, LCARun], dict[str, Any]]:
     """Trains ``groups`` on the stand-in task, allocating every step; returns ``(task,
     {run key: LCARun}, identity)``.
@@ -169,6 +173,9 @@ def record_lca(
         the start of each step.
       trajectory: keep the parameters after every step (host copies).
       test_loss: measure each run's final loss on the test set.
+      class_params: per class, allocate every step of the loss of that class's examples
+        (one recorder per class, a fixed batch shape: one compile) and sum its per-parameter
+        LCA over the run (:attr:`LCARun.class_totals`).
     """
     from ... import lca
     from .. import _report, _train
@@ -191,12 +198,15 @@ def record_lca(
             r.start(task.params0)
         recorders[run.key] = recs
         snapshots[run.key] = [_train.jax_get(task.params0)] if trajectory else None
+    classes = {k: _ClassTotals(task, loss, task.params0) for k in recorders} if class_params else {}
 
     def on_step(run, step, params):
         for r in recorders[run.key].values():
             r(params)
         if trajectory:
             snapshots[run.key].append(_train.jax_get(params))
+        if class_params:
+            classes[run.key](params)
 
     results = _train.train(task, groups, progress=config.progress, on_step=on_step,
                            max_steps=iters)
@@ -208,12 +218,61 @@ def record_lca(
             snapshots[run.key],
             results[run.key],
             test.evaluate(results[run.key].params, grad=False).loss if test else math.nan,
+            classes[run.key].results() if class_params else None,
         )
         for run in (r for g in groups for r in g.runs)
     }
     identity = _report.run_identity("reproduce", tc, task, experiment=name, quick=config.quick,
                                     iterations=iters, tol=TOL)
     return task, runs, identity
+
+
+class _ClassTotals:
+    """Per class, a recorder of the loss of that class's training examples, and the running
+    sum of its per-parameter LCA weighted by ``N_c / N``."""
+
+    # Every class's examples are read as batches of one shape (the last one padded and
+    # masked by the Evaluator): the kernels compile once for all classes, whatever their sizes.
+    BATCH = 64
+
+    def __init__(self, task: Any, loss: Any, params0: Any):
+        from ... import lca
+
+        x, y = task.data.x_train, task.data.y_train
+        self.recorders, self.weights = [], []
+        for c in range(int(task.data.num_classes)):
+            sel = y == c
+            if not np.any(sel):
+                continue
+            xc, yc = x[sel], y[sel]
+            batches = [(xc[i : i + self.BATCH], yc[i : i + self.BATCH])
+                       for i in range(0, len(yc), self.BATCH)]
+            rec = lca.LCARecorder(loss, batches, tol=TOL, batch_size=self.BATCH)
+            rec.start(params0)
+            self.recorders.append(rec)
+            self.weights.append(float(np.mean(sel)))
+        self.sums: list = [None] * len(self.recorders)
+        self.last: list = [None] * len(self.recorders)
+
+    def __call__(self, params: Any) -> None:
+        import jax
+
+        for i, rec in enumerate(self.recorders):
+            res = rec(params)
+            self.last[i] = res
+            self.sums[i] = res.per_param if self.sums[i] is None else jax.tree.map(
+                lambda a, b: a + b, self.sums[i], res.per_param
+            )
+
+    def results(self) -> list:
+        """Per class, the last step's ``LCAResult`` carrying the weighted run totals."""
+        import jax
+
+        out = []
+        for w, res, tot in zip(self.weights, self.last, self.sums):
+            per_param = jax.tree.map(lambda a: np.asarray(a, np.float64) * w, jax.device_get(tot))
+            out.append(dataclasses.replace(res, per_param=per_param))
+        return out
 
 
 def _per_example_loss(apply):
