@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from optax_layca.app import _report, cli
 
 
@@ -22,6 +24,17 @@ def run_quick(name: str, out: Path) -> dict[str, Any]:
         assert _report.file_digest(str(out / info["file"])) == info["blake2b"], key
         histories[key] = RotationHistory.load(out / info["file"])
     return {**record, "histories": histories}
+
+
+def quick_record_fixture(name: str):
+    """A module-scoped fixture: ``(out folder, record)`` of one ``reproduce NAME --quick``."""
+
+    @pytest.fixture(scope="module")
+    def record(tmp_path_factory):
+        out = tmp_path_factory.mktemp(name)
+        return out, run_quick(name, out)
+
+    return record
 
 
 def non_finite(obj: Any, path: str = "", allowed: tuple[str, ...] = ()) -> list[str]:

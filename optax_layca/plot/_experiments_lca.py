@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import figure_axes, side_colorbar
+from ._common import figure_axes, palette, side_colorbar
 
 __all__ = ["class_layer_lca_figure", "lca_bars_figure", "moments_baseline_figure"]
 
@@ -55,10 +55,10 @@ def lca_bars_figure(
         if missing:
             raise ValueError(f"`values[{label!r}]` lacks the categories {missing}.")
     fig, (axis,) = figure_axes(ax, width=max(4.0, 0.9 * len(cats) * max(1, len(values)) / 2 + 2))
-    palette = _colors(colors, len(values))
+    colours = palette(colors, len(values))
     width = 0.8 / len(values)
     x = np.arange(len(cats), dtype=float)
-    for i, ((label, row), color) in enumerate(zip(values.items(), palette)):
+    for i, ((label, row), color) in enumerate(zip(values.items(), colours)):
         v = np.asarray([row[c] for c in cats], float)
         v = np.abs(v) if log_y else v
         keep = np.isfinite(v) & ((v > 0) if log_y else True)
@@ -77,18 +77,6 @@ def lca_bars_figure(
     return fig
 
 
-def _colors(colors: str | Sequence[Any], n: int) -> list:
-    if isinstance(colors, str):
-        from matplotlib import colormaps
-
-        cmap = colormaps[colors]
-        return [cmap(i % cmap.N) for i in range(n)]
-    colors = list(colors)
-    if len(colors) != n:
-        raise ValueError(f"`colors=` must give one colour per series ({n}); got {len(colors)}.")
-    return colors
-
-
 def moments_baseline_figure(moments: Any, *, ax=None, label: str = "LCA", color: str = "tab:red"):
     """The number of synchronised moments of learning against the randomly shifted baseline
     (Lan et al., 2019, §5 and §S5: every layer's moments shifted one or two iterations
@@ -105,15 +93,20 @@ def moments_baseline_figure(moments: Any, *, ax=None, label: str = "LCA", color:
     """
     base = np.asarray(moments.baseline, float)
     fig, (axis,) = figure_axes(ax, width=4, height=3)
-    lo, hi = min(base.min(initial=0), moments.num_synchronized), max(base.max(initial=0),
-                                                                    moments.num_synchronized)
+    lo, hi = (
+        min(base.min(initial=0), moments.num_synchronized),
+        max(base.max(initial=0), moments.num_synchronized),
+    )
     bins = np.arange(np.floor(lo) - 0.5, np.ceil(hi) + 1.5)
     axis.hist(base, bins=bins, color="0.6", label="shifted ±1–2 iterations")
     axis.axvline(moments.num_synchronized, color=color, lw=2, label=f"observed ({label})")
     axis.set_xlabel("synchronised moments")
     axis.set_ylabel("baseline draws")
-    axis.set_title(f"{label}: {moments.num_synchronized} vs baseline {base.mean():.1f} "
-                   f"(p = {moments.p_value:.3g})", fontsize=9)
+    axis.set_title(
+        f"{label}: {moments.num_synchronized} vs baseline {base.mean():.1f} "
+        f"(p = {moments.p_value:.3g})",
+        fontsize=9,
+    )
     axis.legend(fontsize="x-small", frameon=False)
     return fig
 

@@ -9,7 +9,13 @@ import numpy as np
 
 from ._common import figure_axes
 
-__all__ = ["helping_fraction_figure", "lca_heatmap_figure", "lca_per_layer_figure", "moments_raster_figure"]
+__all__ = [
+    "helping_fraction_figure",
+    "helping_stack_figure",
+    "lca_heatmap_figure",
+    "lca_per_layer_figure",
+    "moments_raster_figure",
+]
 
 
 def lca_per_layer_figure(history: Any, *, ax=None, layers: Any = None):
@@ -44,13 +50,26 @@ def helping_fraction_figure(history: Any, *, ax=None, zero_tol: float = 0.0):
 
     h = _history(history)
     f = fractions(h, zero_tol=zero_tol)
-    t = h._iters()
+    return helping_stack_figure(f.helping, f.zero, f.hurting, iterations=h._iters(), ax=ax)
+
+
+def helping_stack_figure(helping, zero, hurting, *, iterations=None, ax=None):
+    """Stacked fractions of parameters helping, zero and hurting per iteration (Lan et al.,
+    2019 Fig. 3a), from the ``[T]`` fractions of :func:`optax_layca.lca.helping_fraction`
+    (what :func:`helping_fraction_figure` draws from a history).
+
+    Examples:
+      >>> fig = helping_stack_figure([0.6, 0.5], [0.1, 0.1], [0.3, 0.4])
+      >>> len(fig.axes[0].collections), [float(v) for v in fig.axes[0].get_ylim()]
+      (3, [0.0, 1.0])
+    """
+    t = np.arange(len(helping)) if iterations is None else np.asarray(iterations)
     fig, (ax,) = figure_axes(ax, width=5, height=3)
     ax.stackplot(
         t,
-        f.helping,
-        f.zero,
-        f.hurting,
+        helping,
+        zero,
+        hurting,
         labels=["helping", "zero", "hurting"],
         colors=["tab:green", "lightgray", "tab:red"],
         alpha=0.8,

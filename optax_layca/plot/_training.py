@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import depth_colors, figure_axes
+from ._common import figure_axes, palette
 
 __all__ = ["accuracy_heatmap_figure", "training_curves_figure"]
 
@@ -49,8 +49,8 @@ def training_curves_figure(
     if not series:
         raise ValueError("`training_curves_figure` needs at least one series.")
     fig, (axis,) = figure_axes(ax)
-    palette = _palette(colors, len(series))
-    for (label, (x, y)), color in zip(series.items(), palette):
+    colours = palette(colors, len(series))
+    for (label, (x, y)), color in zip(series.items(), colours):
         x, y = np.asarray(x, float), np.asarray(y, float)
         axis.plot(x, np.where(np.isfinite(y), y, np.nan), color=color, label=label, lw=1.5)
         if dashed and label in dashed:
@@ -68,20 +68,6 @@ def training_curves_figure(
     if legend:
         axis.legend(fontsize="x-small", frameon=False)
     return fig
-
-
-def _palette(colors: str | Sequence[Any], n: int) -> list:
-    if colors == "viridis":
-        return depth_colors(n)
-    if isinstance(colors, str):
-        from matplotlib import colormaps
-
-        cmap = colormaps[colors]
-        return [cmap(i % cmap.N) for i in range(n)]
-    colors = list(colors)
-    if len(colors) != n:
-        raise ValueError(f"`colors=` must give one colour per series ({n}); got {len(colors)}.")
-    return colors
 
 
 def accuracy_heatmap_figure(

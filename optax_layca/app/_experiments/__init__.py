@@ -154,9 +154,17 @@ def _paper_order(exp: Experiment) -> tuple:
 
 def registry() -> dict[str, Experiment]:
     """Every experiment, by name, in the papers' order (imports their modules once)."""
-    from . import _lars, _rotation_grid, _weight_decay  # noqa: F401  (importing registers)
-    from . import _class_specialisation, _lca_layers, _lca_table  # noqa: F401
-    from . import _phase_lag, _synchronisation  # noqa: F401
+    from . import (  # noqa: F401  (importing registers)
+        _class_specialisation,
+        _convergence_bias,
+        _lars,
+        _lca_layers,
+        _lca_table,
+        _phase_lag,
+        _rotation_grid,
+        _synchronisation,
+        _weight_decay,
+    )
 
     return {e.name: e for e in sorted(_REGISTRY.values(), key=_paper_order)}
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import Experiment, ExperimentConfig, register
 from ._common import rank_trend, trend_status
-from ._lca_runs import LAN_2019, MOMENTUM, SGD_LR, layer_names, layerwise_sgd, record_lca
+from ._lca_runs import LAN_2019, record_one_sgd_run
 
 __all__ = ["figure", "run", "specialisation", "verdict"]
 
@@ -55,31 +55,19 @@ def specialisation(per_class_neuron: np.ndarray) -> np.ndarray:
     return np.where(total > 0, 1.0 - ent / math.log(c), np.nan)
 
 
-def _group():
-    from .._train import Group, Run
-
-    hp = {"lr": SGD_LR, "momentum": MOMENTUM, "first_scale": 1.0, "last_scale": 1.0,
-          "last_momentum": MOMENTUM}
-    return Group("SGD", layerwise_sgd, (Run("sgd", f"SGD, mom={MOMENTUM:g} (lr {SGD_LR:g})", hp),))
-
-
 def run(config: ExperimentConfig) -> dict[str, Any]:
     """Trains the run; returns the per-class × per-layer LCA and the neurons' class LCA."""
     from ... import lca
 
-    task, runs, identity = record_lca(
-        "class-specialisation", config, [_group()], model=MODEL, per_class=True,
-        class_params=True,
+    r, h, names, idx, identity = record_one_sgd_run(
+        "class-specialisation", config, model=MODEL, per_class=True, class_params=True
     )
-    r = runs["sgd"]
-    h = r.histories["rk4"]
-    names = layer_names(task)
-    idx = [h.layer_names.index(n) for n in names]
     per_class = h.per_class[:, :, idx].sum(0)  # [C, M]
     neurons = {n: np.concatenate([lca.per_neuron(t, n) for t in r.class_totals]) for n in names}
     spec = {n: specialisation(v) for n, v in neurons.items()}
-    from_classes = np.asarray([[v[c].sum() for v in neurons.values()]
-                               for c in range(per_class.shape[0])])
+    from_classes = np.asarray(
+        [[v[c].sum() for v in neurons.values()] for c in range(per_class.shape[0])]
+    )
     results = {
         "identity": identity,
         "layers": names,
@@ -87,8 +75,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "class_loss_change": h.class_loss_change.sum(0),
         "neuron_class_lca": neurons,
         "neuron_specialisation": spec,
-        "layer_specialisation": {n: float(np.nanmean(v)) if np.any(np.isfinite(v))
-                                 else math.nan for n, v in spec.items()},
+        "layer_specialisation": {
+            n: float(np.nanmean(v)) if np.any(np.isfinite(v)) else math.nan for n, v in spec.items()
+        },
         "per_class_layer_from_class_runs": from_classes,
         "rk4_summary": h.summary(),
         "histories": {"sgd": r.result.history},
@@ -103,10 +92,16 @@ def _table(results: Mapping[str, Any]) -> str:
     names = results["layers"]
     pc = np.asarray(results["per_class_layer"], float)
     rows = [[c, *(f"{pc[c, j]:+.4f}" for j in range(len(names)))] for c in range(pc.shape[0])]
-    rows.append(["mean neuron specialisation",
-                 *(f"{results['layer_specialisation'][n]:.3f}" for n in names)])
-    return ("Per-class × per-layer cumulative LCA (rows: classes), and each layer's mean "
-            "neuron specialisation:\n\n" + md_table(["class", *names], rows))
+    rows.append(
+        [
+            "mean neuron specialisation",
+            *(f"{results['layer_specialisation'][n]:.3f}" for n in names),
+        ]
+    )
+    return (
+        "Per-class × per-layer cumulative LCA (rows: classes), and each layer's mean "
+        "neuron specialisation:\n\n" + md_table(["class", *names], rows)
+    )
 
 
 def _hidden(names: Sequence[str]) -> list[str]:
@@ -126,20 +121,29 @@ def figure(results: Mapping[str, Any]):
     top, bottom = fig.subfigures(2, 1)
     a = top.subplots(1, 2, width_ratios=[1.3, 1])
     plot.class_layer_lca_figure(
-        np.asarray(results["per_class_layer"], float), layer_names=names, ax=a[0],
+        np.asarray(results["per_class_layer"], float),
+        layer_names=names,
+        ax=a[0],
         title="per-class × per-layer LCA",
     )
     plot.lca_bars_figure(
         {"mean neuron specialisation": {n: results["layer_specialisation"][n] for n in names}},
-        ax=a[1], ylabel="1 − H(class shares) / log C", colors=["tab:purple"],
+        ax=a[1],
+        ylabel="1 − H(class shares) / log C",
+        colors=["tab:purple"],
         title="class specialisation of the neurons, by layer",
     )
     top.suptitle("§S6.2: class specialisation across layers", fontsize=11)
     b = bottom.subplots(1, 2)
     for ax, n in zip(b, (hidden[0], hidden[-1])):
         v = np.asarray(results["neuron_class_lca"][n], float)
-        plot.class_layer_lca_figure(v, layer_names=[str(j) for j in range(v.shape[1])], ax=ax,
-                                    annotate=False, title=f"{n}: per-class LCA of each neuron")
+        plot.class_layer_lca_figure(
+            v,
+            layer_names=[str(j) for j in range(v.shape[1])],
+            ax=ax,
+            annotate=False,
+            title=f"{n}: per-class LCA of each neuron",
+        )
         ax.set_xlabel("neuron")
         ax.tick_params(axis="x", labelsize=5)
     bottom.suptitle("Neurons specialising in classes (first and last hidden layer)", fontsize=11)

@@ -36,14 +36,13 @@ from . import AGREES, INCONCLUSIVE, NOT_REPRODUCED, Experiment, ExperimentConfig
 from ._common import combine
 from ._lca_runs import (
     LAN_2019,
-    MOMENTUM,
-    SGD_LR,
     STAND_IN,
     layer_names,
+    layer_table,
     layerwise_sgd,
-    loss_curve,
-    per_layer_totals,
     record_lca,
+    run_numbers,
+    sgd_hparams,
 )
 
 __all__ = ["figure", "run", "verdict"]
@@ -61,8 +60,7 @@ def _group():
     from .._train import Group, Run
 
     runs = tuple(
-        Run(key, label, {"lr": SGD_LR, "momentum": MOMENTUM, "first_scale": f,
-                         "last_scale": la, "last_momentum": MOMENTUM})
+        Run(key, label, sgd_hparams(first_scale=f, last_scale=la))
         for key, (label, f, la) in RUNS.items()
     )
     return Group("SGD, layers frozen / slowed (vmapped)", layerwise_sgd, runs)
@@ -79,15 +77,12 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         h = r.histories["rk4"]
         cum = lca.cumulative_per_layer(h)
         out[key] = {
-            "label": r.label,
-            "per_layer": per_layer_totals(h, names),
+            **run_numbers(r, names),
             "cumulative": {n: cum[n] for n in names},
-            "max_abs_per_step": {n: float(np.max(np.abs(h.per_layer[:, i])))
-                                 for i, n in enumerate(h.layer_names)},
-            "train_loss": loss_curve(h),
-            "final_train_loss": float(h.loss_after[-1]),
+            "max_abs_per_step": {
+                n: float(np.max(np.abs(h.per_layer[:, i]))) for i, n in enumerate(h.layer_names)
+            },
             "final_test_loss": r.test_loss,
-            "rk4_summary": h.summary(),
         }
     results = {
         "identity": identity,
@@ -95,21 +90,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "runs": out,
         "histories": {k: r.result.history for k, r in runs.items()},
     }
-    results["table"] = _table(results)
+    tail = {"final train loss": "final_train_loss", "final test loss": "final_test_loss"}
+    table = layer_table(out, names, ["run"], lambda r: [r["label"]], tail)
+    results["table"] = "Cumulative LCA per layer (negative = helped):\n\n" + table
     return results
-
-
-def _table(results: Mapping[str, Any]) -> str:
-    from .._report import md_table
-
-    names = results["layers"]
-    rows = [
-        [r["label"], *(f"{r['per_layer'][n]:+.4f}" for n in names),
-         f"{r['final_train_loss']:.4f}", f"{r['final_test_loss']:.4f}"]
-        for r in results["runs"].values()
-    ]
-    head = ["run", *(f"LCA {n}" for n in names), "final train loss", "final test loss"]
-    return "Cumulative LCA per layer (negative = helped):\n\n" + md_table(head, rows)
 
 
 # ----------------------------------------------------------------------------- figure
@@ -130,12 +114,19 @@ def figure(results: Mapping[str, Any]):
     bars, losses = top.subplots(1, 2)
     plot.lca_bars_figure(
         {r["label"]: r["per_layer"] for r in runs.values()},
-        ax=bars, categories=names, title="Fig. 4 / S13: LCA per layer",
+        ax=bars,
+        categories=names,
+        title="Fig. 4 / S13: LCA per layer",
     )
     plot.training_curves_figure(
-        {r["label"]: (r["train_loss"]["iteration"], r["train_loss"]["loss"])
-         for r in runs.values()},
-        ax=losses, xlabel="iteration", ylabel="training-set loss", colors="tab10",
+        {
+            r["label"]: (r["train_loss"]["iteration"], r["train_loss"]["loss"])
+            for r in runs.values()
+        },
+        ax=losses,
+        xlabel="iteration",
+        ylabel="training-set loss",
+        colors="tab10",
         title="training loss (whole training set)",
     )
     top.suptitle("Fig. 4: freezing the first or last layer, or the last at lr / 10", fontsize=11)
@@ -143,8 +134,12 @@ def figure(results: Mapping[str, Any]):
     for ax, r in zip(axes, runs.values()):
         t = np.arange(1, len(next(iter(r["cumulative"].values()))) + 1)
         plot.training_curves_figure(
-            {n: (t, r["cumulative"][n]) for n in names}, ax=ax, xlabel="iteration",
-            ylabel="cumulative LCA", title=r["label"], legend=ax is axes[0],
+            {n: (t, r["cumulative"][n]) for n in names},
+            ax=ax,
+            xlabel="iteration",
+            ylabel="cumulative LCA",
+            title=r["label"],
+            legend=ax is axes[0],
         )
     tidy(bottom, axes, "Fig. S14: cumulative LCA of each layer over training (dark = first)")
     return fig

@@ -31,9 +31,13 @@ __all__ = [
     "LAN_2019",
     "LCARun",
     "layer_names",
+    "layer_table",
     "layerwise_sgd",
     "lca_train_config",
     "record_lca",
+    "record_one_sgd_run",
+    "run_numbers",
+    "sgd_hparams",
 ]
 
 LAN_2019 = Reference(
@@ -121,6 +125,25 @@ def layerwise_sgd(task: Any, hp: Mapping[str, Any]):
     return optax.multi_transform(transforms, lambda p: _module_labels(p, first, last))
 
 
+def sgd_hparams(
+    lr: float = SGD_LR,
+    momentum: float = MOMENTUM,
+    *,
+    first_scale: float = 1.0,
+    last_scale: float = 1.0,
+    last_momentum: float | None = None,
+) -> dict[str, float]:
+    """The hyperparameters of :func:`layerwise_sgd` (the last layer's momentum defaults to
+    everyone's)."""
+    return {
+        "lr": lr,
+        "momentum": momentum,
+        "first_scale": first_scale,
+        "last_scale": last_scale,
+        "last_momentum": momentum if last_momentum is None else last_momentum,
+    }
+
+
 def adam_constant(task: Any, hp: Mapping[str, Any]):
     """Adam at the constant rate ``hp["lr"]`` (the paper uses no decay)."""
     import optax
@@ -190,8 +213,11 @@ def record_lca(
     evaluator = lca.Evaluator(loss, data, labels=task.data.y_train if per_class else None)
     recorders, snapshots = {}, {}
     for run in (r for g in groups for r in g.runs):
-        recs = {"rk4": lca.LCARecorder(loss, evaluator, tol=TOL, store_per_param=store_per_param,
-                                       store_grads=store_grads)}
+        recs = {
+            "rk4": lca.LCARecorder(
+                loss, evaluator, tol=TOL, store_per_param=store_per_param, store_grads=store_grads
+            )
+        }
         if first_order:
             recs["first_order"] = lca.LCARecorder(loss, evaluator, method="first_order")
         for r in recs.values():
@@ -208,8 +234,7 @@ def record_lca(
         if class_params:
             classes[run.key](params)
 
-    results = _train.train(task, groups, progress=config.progress, on_step=on_step,
-                           max_steps=iters)
+    results = _train.train(task, groups, progress=config.progress, on_step=on_step, max_steps=iters)
     test = lca.Evaluator(loss, (task.data.x_test, task.data.y_test)) if test_loss else None
     runs = {
         run.key: LCARun(
@@ -222,8 +247,9 @@ def record_lca(
         )
         for run in (r for g in groups for r in g.runs)
     }
-    identity = _report.run_identity("reproduce", tc, task, experiment=name, quick=config.quick,
-                                    iterations=iters, tol=TOL)
+    identity = _report.run_identity(
+        "reproduce", tc, task, experiment=name, quick=config.quick, iterations=iters, tol=TOL
+    )
     return task, runs, identity
 
 
@@ -245,8 +271,10 @@ class _ClassTotals:
             if not np.any(sel):
                 continue
             xc, yc = x[sel], y[sel]
-            batches = [(xc[i : i + self.BATCH], yc[i : i + self.BATCH])
-                       for i in range(0, len(yc), self.BATCH)]
+            batches = [
+                (xc[i : i + self.BATCH], yc[i : i + self.BATCH])
+                for i in range(0, len(yc), self.BATCH)
+            ]
             rec = lca.LCARecorder(loss, batches, tol=TOL, batch_size=self.BATCH)
             rec.start(params0)
             self.recorders.append(rec)
@@ -260,8 +288,10 @@ class _ClassTotals:
         for i, rec in enumerate(self.recorders):
             res = rec(params)
             self.last[i] = res
-            self.sums[i] = res.per_param if self.sums[i] is None else jax.tree.map(
-                lambda a, b: a + b, self.sums[i], res.per_param
+            self.sums[i] = (
+                res.per_param
+                if self.sums[i] is None
+                else jax.tree.map(lambda a, b: a + b, self.sums[i], res.per_param)
             )
 
     def results(self) -> list:
@@ -270,9 +300,24 @@ class _ClassTotals:
 
         out = []
         for w, res, tot in zip(self.weights, self.last, self.sums):
-            per_param = jax.tree.map(lambda a: np.asarray(a, np.float64) * w, jax.device_get(tot))
+            per_param = jax.tree.map(
+                lambda a, w=w: np.asarray(a, np.float64) * w, jax.device_get(tot)
+            )
             out.append(dataclasses.replace(res, per_param=per_param))
         return out
+
+
+def record_one_sgd_run(name: str, config: Any, **kwargs: Any):
+    """One run of SGD with momentum 0.9 (lr 0.05) through :func:`record_lca`; returns
+    ``(LCARun, its RK4 history, layer names, their columns in the history, identity)``."""
+    from .._train import Group, Run
+
+    label = f"SGD, mom={MOMENTUM:g} (lr {SGD_LR:g})"
+    group = Group("SGD", layerwise_sgd, (Run("sgd", label, sgd_hparams()),))
+    task, runs, identity = record_lca(name, config, [group], **kwargs)
+    run, names = runs["sgd"], layer_names(task)
+    h = run.histories["rk4"]
+    return run, h, names, [h.layer_names.index(n) for n in names], identity
 
 
 def _per_example_loss(apply):
@@ -303,19 +348,36 @@ def loss_curve(history: Any) -> dict[str, list]:
     return {"iteration": np.arange(len(loss)).tolist(), "loss": loss.tolist()}
 
 
-def sign_status(values: Sequence[float], claim: str) -> str:
-    """Every layer one observation: ``claim`` ``"negative"`` (all help) agrees when every
-    value is < 0, does not reproduce when one is > 0 ... see the module's rule table."""
-    from . import AGREES, INCONCLUSIVE, NOT_REPRODUCED
+def run_numbers(run: LCARun, names: Sequence[str]) -> dict[str, Any]:
+    """JSON-ready numbers of a run: label, cumulative LCA per layer, the training-set loss
+    curve LCA measured, the final loss and the error budget."""
+    h = run.histories["rk4"]
+    return {
+        "label": run.label,
+        "per_layer": per_layer_totals(h, names),
+        "train_loss": loss_curve(h),
+        "final_train_loss": float(h.loss_after[-1]),
+        "rk4_summary": h.summary(),
+    }
 
-    v = np.asarray(values, float)
-    if not np.all(np.isfinite(v)):
-        return INCONCLUSIVE
-    if claim == "negative":
-        return AGREES if np.all(v < 0) else NOT_REPRODUCED
-    raise ValueError(f"claim must be 'negative'; got {claim!r}.")
 
+def layer_table(
+    runs: Mapping[str, Mapping[str, Any]],
+    names: Sequence[str],
+    lead: Sequence[str],
+    row_lead: Any,
+    tail: Mapping[str, str],
+) -> str:
+    """Markdown table, a row per run: ``row_lead(run)`` cells, the cumulative LCA of each
+    layer, then the ``tail`` fields (``{header: key}``)."""
+    from .._report import md_table
 
-def finite(x: Any) -> float:
-    """``float(x)``, NaN for None."""
-    return math.nan if x is None else float(x)
+    rows = [
+        [
+            *row_lead(r),
+            *(f"{r['per_layer'][n]:+.4f}" for n in names),
+            *(f"{r[k]:.4f}" for k in tail.values()),
+        ]
+        for r in runs.values()
+    ]
+    return md_table([*lead, *(f"LCA {n}" for n in names), *tail], rows)

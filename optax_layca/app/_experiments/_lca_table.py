@@ -42,6 +42,7 @@ from ._lca_runs import (
     layer_names,
     layerwise_sgd,
     record_lca,
+    sgd_hparams,
 )
 
 __all__ = ["figure", "run", "verdict"]
@@ -55,11 +56,9 @@ RUNS = ("sgd0", "sgd", "adam")
 def _groups():
     from .._train import Group, Run
 
-    hp = lambda lr, mom: {"lr": lr, "momentum": mom, "first_scale": 1.0, "last_scale": 1.0,
-                          "last_momentum": mom}
     sgd_runs = (
-        Run("sgd0", f"SGD, mom=0 (lr {SGD0_LR:g})", hp(SGD0_LR, 0.0)),
-        Run("sgd", f"SGD, mom={MOMENTUM:g} (lr {SGD_LR:g})", hp(SGD_LR, MOMENTUM)),
+        Run("sgd0", f"SGD, mom=0 (lr {SGD0_LR:g})", sgd_hparams(SGD0_LR, 0.0)),
+        Run("sgd", f"SGD, mom={MOMENTUM:g} (lr {SGD_LR:g})", sgd_hparams()),
     )
     adam = (Run("adam", f"Adam (lr {ADAM_LR:g})", {"lr": ADAM_LR}),)
     return [Group("SGD ± momentum", layerwise_sgd, sgd_runs), Group("Adam", adam_constant, adam)]
@@ -140,18 +139,27 @@ def _tables(results: Mapping[str, Any]) -> str:
     rows = [lca.ErrorRow(**r["error"]) for r in runs.values()]
     s1_lines = _error_markdown(rows)
     s2 = md_table(
-        ["run", "iterations per weight movement direction change",
-         "iterations per gradient zero crossing"],
         [
-            [r["label"], f"{r['iterations_per_motion_change']:.2f}",
-             f"{r['iterations_per_grad_change']:.2f}"]
+            "run",
+            "iterations per weight movement direction change",
+            "iterations per gradient zero crossing",
+        ],
+        [
+            [
+                r["label"],
+                f"{r['iterations_per_motion_change']:.2f}",
+                f"{r['iterations_per_grad_change']:.2f}",
+            ]
             for r in runs.values()
         ],
     )
     return (
-        "Table 1 (mean over iterations of the fractions of parameters):\n\n" + t1
-        + "\n\nTable S1 (first order vs RK4):\n\n" + s1_lines
-        + "\n\nTable S2 (oscillations):\n\n" + s2
+        "Table 1 (mean over iterations of the fractions of parameters):\n\n"
+        + t1
+        + "\n\nTable S1 (first order vs RK4):\n\n"
+        + s1_lines
+        + "\n\nTable S2 (oscillations):\n\n"
+        + s2
     )
 
 
@@ -160,11 +168,21 @@ def _error_markdown(rows) -> str:
     from .._report import md_table
 
     return md_table(
-        ["", "Total error, RK4", "Total error, FO", "Average iteration error, RK4",
-         "Average iteration error, FO"],
         [
-            [r.name, f"{r.total_error_rk4_pct:.3g}%", f"{r.total_error_fo_pct:.2f}%",
-             f"{r.mean_iteration_error_rk4:.2E}", f"{r.mean_iteration_error_fo:.5f}"]
+            "",
+            "Total error, RK4",
+            "Total error, FO",
+            "Average iteration error, RK4",
+            "Average iteration error, FO",
+        ],
+        [
+            [
+                r.name,
+                f"{r.total_error_rk4_pct:.3g}%",
+                f"{r.total_error_fo_pct:.2f}%",
+                f"{r.mean_iteration_error_rk4:.2E}",
+                f"{r.mean_iteration_error_fo:.5f}",
+            ]
             for r in rows
         ],
     )
@@ -186,39 +204,42 @@ def figure(results: Mapping[str, Any]):
     top, bottom = fig.subfigures(2, 1)
     axes = top.subplots(1, len(runs), sharey=True)
     for ax, r in zip(axes, runs.values()):
-        t = np.arange(len(r["helping"]))
-        ax.stackplot(t, r["helping"], r["zero"], r["hurting"],
-                     labels=["helping", "zero", "hurting"],
-                     colors=["tab:green", "lightgray", "tab:red"], alpha=0.8)
-        ax.axhline(0.5, color="k", lw=0.6, ls="--")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("fraction of parameters")
+        plot.helping_stack_figure(r["helping"], r["zero"], r["hurting"], ax=ax)
         ax.set_title(f"{r['label']} (mean helping {100 * r['helping_mean']:.1f}%)")
+        ax.get_legend().remove()
     axes[-1].legend(loc="upper right", fontsize=7)
     tidy(top, list(axes), "Fig. 3a / Table 1: parameters helping, zero and hurting per iteration")
     b = bottom.subplots(1, 3)
     plot.lca_bars_figure(
         {r["label"]: r["layer_helping_mean"] for r in runs.values()},
-        ax=b[0], ylabel="mean fraction helping", title="Fig. 3c: helping fraction per layer",
+        ax=b[0],
+        ylabel="mean fraction helping",
+        title="Fig. 3c: helping fraction per layer",
     )
     b[0].axhline(0.5, color="k", lw=0.6, ls="--")
     plot.lca_bars_figure(
         {
             "RK4": {r["label"]: r["error"]["mean_iteration_error_rk4"] for r in runs.values()},
-            "first order": {r["label"]: r["error"]["mean_iteration_error_fo"]
-                            for r in runs.values()},
+            "first order": {
+                r["label"]: r["error"]["mean_iteration_error_fo"] for r in runs.values()
+            },
         },
-        ax=b[1], ylabel="mean |ΔL − Σ LCA| per iteration", log_y=True,
-        colors=["tab:blue", "tab:orange"], title="Table S1: iteration error",
+        ax=b[1],
+        ylabel="mean |ΔL − Σ LCA| per iteration",
+        log_y=True,
+        colors=["tab:blue", "tab:orange"],
+        title="Table S1: iteration error",
     )
     plot.lca_bars_figure(
         {
-            "weight movement": {r["label"]: r["iterations_per_motion_change"]
-                                for r in runs.values()},
+            "weight movement": {
+                r["label"]: r["iterations_per_motion_change"] for r in runs.values()
+            },
             "gradient": {r["label"]: r["iterations_per_grad_change"] for r in runs.values()},
         },
-        ax=b[2], ylabel="iterations per sign change", colors=["tab:purple", "tab:gray"],
+        ax=b[2],
+        ylabel="iterations per sign change",
+        colors=["tab:purple", "tab:gray"],
         title="Table S2: oscillations",
     )
     bottom.suptitle("Fig. 3c, Table S1 and Table S2", fontsize=11)
@@ -259,9 +280,14 @@ def verdict(results: Mapping[str, Any]) -> tuple[str, str]:
     s1 = _helping_status(means)
     rows = [r["error"] for r in runs.values()]
     s2 = _error_status(rows)
-    ratio = runs["sgd"]["iterations_per_motion_change"] / runs["sgd0"]["iterations_per_motion_change"]
-    s3 = (AGREES if ratio >= MOMENTUM_SLOWS else NOT_REPRODUCED if ratio <= 1
-          else INCONCLUSIVE) if math.isfinite(ratio) else INCONCLUSIVE
+    ratio = (
+        runs["sgd"]["iterations_per_motion_change"] / runs["sgd0"]["iterations_per_motion_change"]
+    )
+    s3 = (
+        (AGREES if ratio >= MOMENTUM_SLOWS else NOT_REPRODUCED if ratio <= 1 else INCONCLUSIVE)
+        if math.isfinite(ratio)
+        else INCONCLUSIVE
+    )
     each = lambda fn: ", ".join(f"{r['label']} {fn(r)}" for r in runs.values())
     helping = each(lambda r: f"{100 * r['helping_mean']:.1f}%")
     rk4 = each(lambda r: f"{r['error']['total_error_rk4_pct']:.2g}%")

@@ -35,13 +35,13 @@ from ._common import combine, rank_trend, trend_status
 from ._lca_runs import (
     LAN_2019,
     MOMENTUM,
-    SGD_LR,
     STAND_IN,
     layer_names,
+    layer_table,
     layerwise_sgd,
-    loss_curve,
-    per_layer_totals,
     record_lca,
+    run_numbers,
+    sgd_hparams,
 )
 
 __all__ = ["delay_momentum", "figure", "run", "verdict"]
@@ -64,12 +64,10 @@ def delay_momentum(delay: float) -> float:
 def _group(delays):
     from .._train import Group, Run
 
-    base = 1.0 - MOMENTUM
-
     def hp(d):
         beta = delay_momentum(d)
-        return {"lr": SGD_LR, "momentum": MOMENTUM, "first_scale": 1.0,
-                "last_scale": (1.0 - beta) / base, "last_momentum": beta}
+        scale = (1.0 - beta) / (1.0 - MOMENTUM)
+        return sgd_hparams(last_scale=scale, last_momentum=beta)
 
     runs = tuple(
         Run(f"delay{d}", f"last layer delay {d} (momentum {delay_momentum(d):.3g})", hp(d))
@@ -83,18 +81,14 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     delays = QUICK_DELAYS if config.quick else DELAYS
     task, runs, identity = record_lca("phase-lag", config, [_group(delays)])
     names = layer_names(task)
-    out = {}
-    for d in delays:
-        h = runs[f"delay{d}"].histories["rk4"]
-        out[f"delay{d}"] = {
-            "label": runs[f"delay{d}"].label,
+    out = {
+        f"delay{d}": {
+            **run_numbers(runs[f"delay{d}"], names),
             "delay": d,
             "momentum": delay_momentum(d),
-            "per_layer": per_layer_totals(h, names),
-            "train_loss": loss_curve(h),
-            "final_train_loss": float(h.loss_after[-1]),
-            "rk4_summary": h.summary(),
         }
+        for d in delays
+    }
     results = {
         "identity": identity,
         "layers": names,
@@ -102,26 +96,17 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "runs": out,
         "histories": {k: r.result.history for k, r in runs.items()},
     }
-    results["table"] = _table(results)
+    lead = ["last-layer delay", "its momentum"]
+    row = lambda r: [r["delay"], f"{r['momentum']:.3g}"]
+    table = layer_table(out, names, lead, row, {"final loss": "final_train_loss"})
+    results["table"] = "Cumulative LCA per layer against the last layer's delay:\n\n" + table
     return results
 
 
-def _table(results: Mapping[str, Any]) -> str:
-    from .._report import md_table
-
-    names = results["layers"]
-    rows = [
-        [r["delay"], f"{r['momentum']:.3g}", *(f"{r['per_layer'][n]:+.4f}" for n in names),
-         f"{r['final_train_loss']:.4f}"]
-        for r in results["runs"].values()
-    ]
-    head = ["last-layer delay", "its momentum", *(f"LCA {n}" for n in names), "final loss"]
-    return "Cumulative LCA per layer against the last layer's delay:\n\n" + md_table(head, rows)
-
-
 def _series(results: Mapping[str, Any], layer: str) -> np.ndarray:
-    return np.asarray([results["runs"][f"delay{d}"]["per_layer"][layer]
-                       for d in results["delays"]], float)
+    return np.asarray(
+        [results["runs"][f"delay{d}"]["per_layer"][layer] for d in results["delays"]], float
+    )
 
 
 def figure(results: Mapping[str, Any]):
@@ -134,17 +119,24 @@ def figure(results: Mapping[str, Any]):
     names, delays = results["layers"], results["delays"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     plot.training_curves_figure(
-        {n: (delays, _series(results, n)) for n in names}, ax=left,
-        xlabel="last layer's delay (steps)", ylabel="cumulative LCA (negative = helped)",
+        {n: (delays, _series(results, n)) for n in names},
+        ax=left,
+        xlabel="last layer's delay (steps)",
+        ylabel="cumulative LCA (negative = helped)",
         title="Fig. 5: LCA per layer vs the last layer's delay",
     )
     for line in left.lines:
         line.set_marker("o")
     left.axhline(0.0, color="k", lw=0.8)
     plot.training_curves_figure(
-        {r["label"]: (r["train_loss"]["iteration"], r["train_loss"]["loss"])
-         for r in results["runs"].values()},
-        ax=right, xlabel="iteration", ylabel="training-set loss", colors="plasma",
+        {
+            r["label"]: (r["train_loss"]["iteration"], r["train_loss"]["loss"])
+            for r in results["runs"].values()
+        },
+        ax=right,
+        xlabel="iteration",
+        ylabel="training-set loss",
+        colors="plasma",
         title="training loss",
     )
     return fig
@@ -171,8 +163,11 @@ def verdict(results: Mapping[str, Any]) -> tuple[str, str]:
     last, neighbour = _series(results, names[-1]), _series(results, names[-2])
     r_last = rank_trend(delays, last)
     r2 = linear_r2(delays, last)
-    s_lin = INCONCLUSIVE if not math.isfinite(r2) else (
-        AGREES if r2 >= LINEAR else NOT_REPRODUCED if r2 < NOT_LINEAR else INCONCLUSIVE)
+    s_lin = (
+        INCONCLUSIVE
+        if not math.isfinite(r2)
+        else (AGREES if r2 >= LINEAR else NOT_REPRODUCED if r2 < NOT_LINEAR else INCONCLUSIVE)
+    )
     r_nb = rank_trend(delays, neighbour)
     at0 = neighbour[list(delays).index(0)] if 0 in delays else math.nan
     s_pos = INCONCLUSIVE if not math.isfinite(at0) else (AGREES if at0 > 0 else NOT_REPRODUCED)

@@ -38,17 +38,7 @@ import numpy as np
 
 from . import AGREES, INCONCLUSIVE, NOT_REPRODUCED, Experiment, ExperimentConfig, register
 from ._common import combine
-from ._lca_runs import (
-    ITERS,
-    LAN_2019,
-    MOMENTUM,
-    SGD_LR,
-    STAND_IN,
-    layer_names,
-    layerwise_sgd,
-    loss_curve,
-    record_lca,
-)
+from ._lca_runs import ITERS, LAN_2019, STAND_IN, loss_curve, record_one_sgd_run
 
 __all__ = ["factor_curves", "figure", "jaccard", "run", "verdict"]
 
@@ -63,16 +53,9 @@ def moments_per_curve(iters: int) -> int:
     return max(3, round(PAPER_K * iters / ITERS))
 
 
-def _group():
-    from .._train import Group, Run
-
-    hp = {"lr": SGD_LR, "momentum": MOMENTUM, "first_scale": 1.0, "last_scale": 1.0,
-          "last_momentum": MOMENTUM}
-    return Group("SGD", layerwise_sgd, (Run("sgd", f"SGD, mom={MOMENTUM:g} (lr {SGD_LR:g})", hp),))
-
-
-def factor_curves(grads: Mapping[str, np.ndarray], motion: Mapping[str, np.ndarray],
-                  names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def factor_curves(
+    grads: Mapping[str, np.ndarray], motion: Mapping[str, np.ndarray], names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """``(G, M)``, both ``[T, layers]``: the gradient-only and motion-only curves of the
     module docstring, per module ``names`` (``grads``, ``motion``: ``{leaf path: [T, ...]}``).
 
@@ -128,14 +111,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     S16–S19's numbers."""
     from ... import lca
 
-    task, runs, identity = record_lca(
-        "synchronisation", config, [_group()], per_class=True, store_grads=True,
-        trajectory=True,
+    r, h, names, idx, identity = record_one_sgd_run(
+        "synchronisation", config, per_class=True, store_grads=True, trajectory=True
     )
-    r = runs["sgd"]
-    h = r.histories["rk4"]
-    names = layer_names(task)
-    idx = [h.layer_names.index(n) for n in names]
     k = moments_per_curve(len(h))
     seed = config.seed
     moments = lambda curves: lca.moments_of_learning(curves, k=k, num_shuffles=SHUFFLES, seed=seed)
@@ -176,15 +154,23 @@ def _table(results: Mapping[str, Any]) -> str:
     from .._report import md_table
 
     rows = [
-        [label, results[v]["num_moments"], results[v]["num_synchronized"],
-         f"{results[v]['baseline_mean']:.1f}", f"{results[v]['p_value']:.3g}"]
+        [
+            label,
+            results[v]["num_moments"],
+            results[v]["num_synchronized"],
+            f"{results[v]['baseline_mean']:.1f}",
+            f"{results[v]['p_value']:.3g}",
+        ]
         for v, label in VIEWS.items()
     ]
     head = ["curves", "moments", "synchronised", "shifted baseline (mean)", "p"]
-    return (f"Moments of learning (top {results['k']} per curve):\n\n" + md_table(head, rows)
-            + f"\n\nOverlap (Jaccard) of the synchronised iterations with the LCA's: gradient "
-            f"only {results['overlap']['gradient']:.2f}, motion only "
-            f"{results['overlap']['motion']:.2f}.")
+    return (
+        f"Moments of learning (top {results['k']} per curve):\n\n"
+        + md_table(head, rows)
+        + f"\n\nOverlap (Jaccard) of the synchronised iterations with the LCA's: gradient "
+        f"only {results['overlap']['gradient']:.2f}, motion only "
+        f"{results['overlap']['motion']:.2f}."
+    )
 
 
 # ----------------------------------------------------------------------------- figure
@@ -215,26 +201,36 @@ def figure(results: Mapping[str, Any]):
     a = top.subplots(1, 3)
     t = np.arange(len(results["per_layer_lca"][names[0]]))
     plot.training_curves_figure(
-        {n: (t, results["per_layer_lca"][n]) for n in names}, ax=a[0], xlabel="iteration",
-        ylabel="LCA per iteration", title="S17: per-layer LCA (dark = first layer)",
+        {n: (t, results["per_layer_lca"][n]) for n in names},
+        ax=a[0],
+        xlabel="iteration",
+        ylabel="LCA per iteration",
+        title="S17: per-layer LCA (dark = first layer)",
     )
-    plot.moments_baseline_figure(_Moments(results["class_layer"]), ax=a[1],
-                                 label="per class × layer")
+    plot.moments_baseline_figure(
+        _Moments(results["class_layer"]), ax=a[1], label="per class × layer"
+    )
     plot.moments_baseline_figure(_Moments(results["layer"]), ax=a[2], label="per layer")
-    top.suptitle("Per-layer LCA curves; synchronised moments against the shifted baseline",
-                 fontsize=11)
+    top.suptitle(
+        "Per-layer LCA curves; synchronised moments against the shifted baseline", fontsize=11
+    )
     ax = middle.subplots()
     plot.moments_raster_figure(_Moments(results["class_layer"]), ax=ax)
     ax.set_ylabel(f"class (blocks of {len(names)} layers: {', '.join(names)})")
-    middle.suptitle("Fig. 6: moments of learning per class and layer (red: synchronised)",
-                    fontsize=11)
+    middle.suptitle(
+        "Fig. 6: moments of learning per class and layer (red: synchronised)", fontsize=11
+    )
     b = bottom.subplots(1, 3, sharex=True)
     for axis, v in zip(b, ("layer", "gradient", "motion")):
         plot.moments_raster_figure(_Moments(results[v]), ax=axis, layer_names=names)
-        axis.set_title(f"{VIEWS[v]}: {results[v]['num_synchronized']} synchronised "
-                       f"(p = {results[v]['p_value']:.3g})", fontsize=9)
-    bottom.suptitle("S17, S18, S19: moments of the LCA, of the gradient alone, of the motion "
-                    "alone", fontsize=11)
+        axis.set_title(
+            f"{VIEWS[v]}: {results[v]['num_synchronized']} synchronised "
+            f"(p = {results[v]['p_value']:.3g})",
+            fontsize=9,
+        )
+    bottom.suptitle(
+        "S17, S18, S19: moments of the LCA, of the gradient alone, of the motion alone", fontsize=11
+    )
     return fig
 
 
@@ -258,9 +254,11 @@ def verdict(results: Mapping[str, Any]) -> tuple[str, str]:
         s_factor = AGREES
     else:
         s_factor = NOT_REPRODUCED if any(v > SAME for v in vals) else INCONCLUSIVE
-    d = lambda v: (f"{results[v]['num_synchronized']} synchronised of "
-                   f"{results[v]['num_moments']} moments vs baseline "
-                   f"{results[v]['baseline_mean']:.1f}, p = {results[v]['p_value']:.3g}")
+    d = lambda v: (
+        f"{results[v]['num_synchronized']} synchronised of "
+        f"{results[v]['num_moments']} moments vs baseline "
+        f"{results[v]['baseline_mean']:.1f}, p = {results[v]['p_value']:.3g}"
+    )
     text = (
         f"Top {results['k']} moments per curve. Per class × layer (Fig. 6): {d('class_layer')}: "
         f"{s6}. Per layer (S17): {d('layer')}: {s17}. The synchronised iterations of the "
