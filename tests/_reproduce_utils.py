@@ -12,6 +12,18 @@ import pytest
 from optax_layca.app import _report, cli
 
 
+def quick_fixture(name: str):
+    """A module-scoped fixture ``record`` -> ``(out folder, record)`` of
+    :func:`run_quick`: one quick run shared by a test file."""
+
+    @pytest.fixture(scope="module")
+    def record(tmp_path_factory):
+        out = tmp_path_factory.mktemp(name)
+        return out, run_quick(name, out)
+
+    return record
+
+
 def run_quick(name: str, out: Path) -> dict[str, Any]:
     """``optax-layca reproduce NAME --quick`` into ``out``; returns the JSON record with the
     rotation histories loaded back from their files (checked against their digests)."""
@@ -40,8 +52,12 @@ def quick_record_fixture(name: str):
 def non_finite(obj: Any, path: str = "", allowed: tuple[str, ...] = ()) -> list[str]:
     """Paths of the None / non-finite numbers in a JSON record, outside keys ``allowed``."""
     if isinstance(obj, dict):
-        return [p for k, v in obj.items() if k not in allowed
-                for p in non_finite(v, f"{path}/{k}", allowed)]
+        return [
+            p
+            for k, v in obj.items()
+            if k not in allowed
+            for p in non_finite(v, f"{path}/{k}", allowed)
+        ]
     if isinstance(obj, list):
         return [p for i, v in enumerate(obj) for p in non_finite(v, f"{path}[{i}]", allowed)]
     if obj is None or (isinstance(obj, float) and not math.isfinite(obj)):
@@ -49,8 +65,13 @@ def non_finite(obj: Any, path: str = "", allowed: tuple[str, ...] = ()) -> list[
     return []
 
 
-def check_files_and_section(out: Path, name: str, record: dict[str, Any]) -> None:
-    """The figure, the JSON and the report section (claim, stand-in, verdict) are there."""
+def check_files_and_section(
+    out: Path, name: str, record: dict[str, Any], may_be_null: tuple[str, ...] = ()
+) -> None:
+    """The figure, the JSON and the report section (claim, stand-in, verdict) are there, and
+    every number of the JSON is finite (outside the configuration, the divergence epochs
+    and the keys ``may_be_null``)."""
+    assert non_finite(record, allowed=("config", "diverged_at", *may_be_null)) == []
     assert (out / f"{name}.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
     assert f"<!-- optax-layca section: {name} -->" in report

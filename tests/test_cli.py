@@ -50,8 +50,9 @@ def test_histories_are_saved_one_file_per_run(demo):
         cd = hist.get("cosine_distance", layers)
         final = record["runs"][key]["final_cosine_distance"]
         # JSON keeps 7 significant digits of the float32 value
-        np.testing.assert_allclose([cd[p][-1] for p in layers], [final[p] for p in layers],
-                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            [cd[p][-1] for p in layers], [final[p] for p in layers], rtol=1e-6, atol=1e-9
+        )
         ids, _ = hist.per_epoch_rotation()
         assert ids.tolist() == [1, 2, 3]
 
@@ -74,11 +75,14 @@ def test_figures_show_every_run_and_layer(demo):
 
     out, record = demo
     layers = record["identity"]["layers"]
-    hists = {run["label"]: RotationHistory.load(out / record["histories"][key]["file"])
-             for key, run in record["runs"].items()}
+    hists = {
+        run["label"]: RotationHistory.load(out / record["histories"][key]["file"])
+        for key, run in record["runs"].items()
+    }
     for kind in ("curves", "epoch"):
-        fig = histories_panels(kind, hists, layers, title="t",
-                               steps_per_epoch=record["identity"]["steps_per_epoch"])
+        fig = histories_panels(
+            kind, hists, layers, title="t", steps_per_epoch=record["identity"]["steps_per_epoch"]
+        )
         panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
         assert len(panels) == len(QUICK)
         assert all([ln.get_label() for ln in ax.lines] == layers for ax in panels)
@@ -134,8 +138,9 @@ def test_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
 
 
 def _npz(path, x, y, xt=None, yt=None):
-    np.savez(path, x_train=x, y_train=y, x_test=x if xt is None else xt,
-             y_test=y if yt is None else yt)
+    np.savez(
+        path, x_train=x, y_train=y, x_test=x if xt is None else xt, y_test=y if yt is None else yt
+    )
     return str(path)
 
 
@@ -184,13 +189,25 @@ def blobs(tmp_path):
     return _npz(tmp_path / "blobs.npz", x[:120], y[:120], x[120:], y[120:])
 
 
-def test_a_diverging_optimizer_is_named_and_the_others_kept(blobs, tmp_path, capsys,
-                                                            monkeypatch):
-    monkeypatch.setitem(_commands.DEMO_OPTIMIZERS, "sgd",
-                        ("SGD", "sgd", {"lr": 1e9, "weight_decay": 0.0}))
+def test_a_diverging_optimizer_is_named_and_the_others_kept(blobs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(
+        _commands.DEMO_OPTIMIZERS, "sgd", ("SGD", "sgd", {"lr": 1e9, "weight_decay": 0.0})
+    )
     out = tmp_path / "o"
-    argv = ["demo", "--dataset", blobs, "--model", "mlp", "--epochs", "2", "--optimizers",
-            "sgd,layca", "--no-progress", "--out", str(out)]
+    argv = [
+        "demo",
+        "--dataset",
+        blobs,
+        "--model",
+        "mlp",
+        "--epochs",
+        "2",
+        "--optimizers",
+        "sgd,layca",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "diverged (non-finite training loss): SGD (epoch 1)" in err and err.count("\n") == 1
@@ -208,15 +225,21 @@ def test_help_and_version_do_not_import_jax():
         "cli.main(['--version']); cli.main(['reproduce', '--help'])\n"
         "assert 'jax' not in sys.modules, 'jax imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert "demo" in proc.stdout and "reproduce" in proc.stdout and "0.2" in proc.stdout
 
 
 def test_python_dash_m_help():
-    proc = subprocess.run([sys.executable, "-m", "optax_layca", "--help"], capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "optax_layca", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0
     assert all(c in proc.stdout for c in cli.COMMANDS)
 
@@ -230,13 +253,23 @@ def test_reproduce_list(capsys):
 
 def test_sweep_controls_the_rates(tmp_path):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--quick", "--no-progress", "--epochs", "2", "--ks=-4,-2",
-            "--alphas=-0.5,0,0.5", "--out", str(out)]
+    argv = [
+        "sweep",
+        "--quick",
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--ks=-4,-2",
+        "--alphas=-0.5,0,0.5",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     record = _report.read_json(str(out / "results.json"))
     assert (out / "sweep.png").stat().st_size > 0 and len(record["histories"]) == 6
-    final = {k: np.asarray(list(r["final_cosine_distance"].values()))
-             for k, r in record["runs"].items()}
+    final = {
+        k: np.asarray(list(r["final_cosine_distance"].values())) for k, r in record["runs"].items()
+    }
     # Layca sets the rotation rate: higher ρ(0) rotates every layer more; α < 0 favours the
     # first layer, α > 0 the last one (Carbonnelle & De Vleeschouwer, 2019, Eq. 1)
     assert np.all(final["k-2_a+0.00"] > final["k-4_a+0.00"])
@@ -265,7 +298,9 @@ def test_lca_iters_and_epochs_are_honoured(blobs, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["cnn", "resnet"])
 def test_quick_demo_of_other_models(model, tmp_path):
-    assert cli.main(["demo", "--quick", "--model", model, "--no-progress",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(["demo", "--quick", "--model", model, "--no-progress", "--out", str(tmp_path)])
+        == 0
+    )
     record = json.loads((tmp_path / "results.json").read_text())
     assert all(r["diverged_at"] is None for r in record["runs"].values())

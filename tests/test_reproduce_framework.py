@@ -85,8 +85,10 @@ def test_report_sections_merge_under_a_lock(tmp_path):
 
 def test_json_records_are_atomic_and_checked(tmp_path):
     path = str(tmp_path / "r.json")
-    _report.write_json(path, {"identity": {"format": _report.JSON_FORMAT},
-                              "x": np.float32(np.nan), "y": np.arange(3)})
+    _report.write_json(
+        path,
+        {"identity": {"format": _report.JSON_FORMAT}, "x": np.float32(np.nan), "y": np.arange(3)},
+    )
     record = _report.read_json(path)
     assert record["x"] is None and record["y"] == [0, 1, 2] and record["complete"] is True
     with open(path, "r+") as f:  # a truncated or foreign file is refused
@@ -123,10 +125,14 @@ def _fake_experiment(status: str):
         tx = track_rotation(optax.sgd(0.1))
         hist = RotationHistory()
         hist.record(0, tx.init(params))
-        ident = {"format": _report.JSON_FORMAT, "config": {"model": "none", "epochs": 0,
-                 "batch_size": 1}, "seed": config.seed, "quick": config.quick,
-                 "versions": {"optax_layca": "test"},
-                 "dataset": {"name": "none", "train": 0, "test": 0, "fingerprint": "0" * 32}}
+        ident = {
+            "format": _report.JSON_FORMAT,
+            "config": {"model": "none", "epochs": 0, "batch_size": 1},
+            "seed": config.seed,
+            "quick": config.quick,
+            "versions": {"optax_layca": "test"},
+            "dataset": {"name": "none", "train": 0, "test": 0, "fingerprint": "0" * 32},
+        }
         return {"identity": ident, "value": 0.5, "histories": {"only": hist}}
 
     def figure(results):
@@ -137,8 +143,12 @@ def _fake_experiment(status: str):
         return fig
 
     return _experiments.Experiment(
-        name="fake-test", reference=_experiments.Reference("A & B", 2000, "Fig. 0"),
-        claim="a claim", stand_in="nothing", run=run, figure=figure,
+        name="fake-test",
+        reference=_experiments.Reference("A & B", 2000, "Fig. 0"),
+        claim="a claim",
+        stand_in="nothing",
+        run=run,
+        figure=figure,
         verdict=lambda results: (status, "measured 0.5"),
     )
 

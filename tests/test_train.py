@@ -24,8 +24,14 @@ def blobs(tmp_path_factory):
 
 
 def _config(path, **kw):
-    kw = {"dataset": path, "model": "deep", "epochs": 3, "batch_size": 16,
-          "records_per_epoch": 3, **kw}
+    kw = {
+        "dataset": path,
+        "model": "deep",
+        "epochs": 3,
+        "batch_size": 16,
+        "records_per_epoch": 3,
+        **kw,
+    }
     return _train.TrainConfig(**kw)
 
 
@@ -46,13 +52,20 @@ def trained(blobs):
     run = _train.Run
     hp2 = {"rho": 3.0**-2, "alpha": 0.5}
     groups = [
-        _train.Group("pair", _counted(_train.layca_sgd),
-                     (run("a", "A", {"rho": 3.0**-3, "alpha": 0.0}), run("b", "B", hp2))),
+        _train.Group(
+            "pair",
+            _counted(_train.layca_sgd),
+            (run("a", "A", {"rho": 3.0**-3, "alpha": 0.0}), run("b", "B", hp2)),
+        ),
         _train.Group("alone", _train.layca_sgd, (run("b_alone", "B alone", hp2),)),
-        _train.Group("sgd", _train.sgd, (
-            run("ok", "ok", {"lr": 0.1, "weight_decay": 0.0}),
-            run("boom", "boom", {"lr": 1e8, "weight_decay": 0.0}),
-        )),
+        _train.Group(
+            "sgd",
+            _train.sgd,
+            (
+                run("ok", "ok", {"lr": 0.1, "weight_decay": 0.0}),
+                run("boom", "boom", {"lr": 1e8, "weight_decay": 0.0}),
+            ),
+        ),
     ]
     TRACES.clear()
     task = _train.setup(_config(blobs))
@@ -66,10 +79,17 @@ def test_a_vmapped_run_is_the_run_alone(trained):
     # differing by <= n·eps·Σ|x·y| (n <= 64 terms, eps = 2**-23, ~1e-5 relative); 18 Layca
     # steps on the sphere carry that over without growth beyond ~1e-4.
     for p in task.order:
-        np.testing.assert_allclose(b.params[p.split("/")[0]]["kernel"],
-                                   a.params[p.split("/")[0]]["kernel"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(a.history.get("cosine_distance")[task.order[0]],
-                               b.history.get("cosine_distance")[task.order[0]], atol=1e-5)
+        np.testing.assert_allclose(
+            b.params[p.split("/")[0]]["kernel"],
+            a.params[p.split("/")[0]]["kernel"],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    np.testing.assert_allclose(
+        a.history.get("cosine_distance")[task.order[0]],
+        b.history.get("cosine_distance")[task.order[0]],
+        atol=1e-5,
+    )
 
 
 def test_one_trace_per_group_program(trained):
@@ -130,10 +150,16 @@ def test_divergence_is_isolated(trained):
 def test_per_step_callback_and_max_steps(blobs):
     task = _train.setup(_config(blobs, epochs=2))
     seen = []
-    group = _train.Group("sgd", _train.sgd,
-                         (_train.Run("s", "s", {"lr": 0.1, "weight_decay": 0.0}),))
-    res = _train.train(task, [group], progress=False, max_steps=8,
-                       on_step=lambda run, step, params: seen.append((run.key, step)))
+    group = _train.Group(
+        "sgd", _train.sgd, (_train.Run("s", "s", {"lr": 0.1, "weight_decay": 0.0}),)
+    )
+    res = _train.train(
+        task,
+        [group],
+        progress=False,
+        max_steps=8,
+        on_step=lambda run, step, params: seen.append((run.key, step)),
+    )
     assert seen == [("s", t) for t in range(1, 9)]
     h = res["s"].history
     assert h.steps[-1] == 8 and h.epochs[-1] == 2  # the cut epoch is closed at step 8
@@ -150,7 +176,9 @@ def test_validation_split_is_held_out(blobs):
 
 def test_too_many_steps_refused_before_training(blobs):
     task = _train.setup(_config(blobs, epochs=2**31 // SPE + 1))
-    group = _train.Group("sgd", _train.sgd, (_train.Run("s", "s", {"lr": 0.1, "weight_decay": 0.0}),))
+    group = _train.Group(
+        "sgd", _train.sgd, (_train.Run("s", "s", {"lr": 0.1, "weight_decay": 0.0}),)
+    )
     with pytest.raises(ValueError, match="int32 step counter"):
         _train.train(task, [group], progress=False)
 

@@ -219,7 +219,8 @@ def _sections(text: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-    with open(path + ".lock", "a") as lock:
+    folder, name = os.path.split(path)
+    with open(os.path.join(folder, f".{name}.lock"), "a") as lock:  # hidden, kept: no race
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -237,9 +238,9 @@ def merge_report_section(
 ) -> None:
     """Puts ``body`` as section ``name`` of the Markdown report ``path``; keeps the others.
 
-    The read-modify-write runs under an exclusive lock (``path + ".lock"``) and the file is
-    replaced atomically, so experiments run one after another, or at once, all end up in the
-    report. Sections are sorted with ``order(name)`` (default: by name).
+    The read-modify-write runs under an exclusive lock (``.report.md.lock`` beside it) and
+    the file is replaced atomically, so experiments run one after another, or at once, all
+    end up in the report. Sections are sorted with ``order(name)`` (default: by name).
     """
     with _locked(path):
         try:
