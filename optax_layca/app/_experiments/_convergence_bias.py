@@ -129,6 +129,7 @@ def _part_a(config: ExperimentConfig) -> dict[str, Any]:
         (_train.Run("sgd", f"SGD (lr {SGD_LR:g})", {"lr": SGD_LR, "weight_decay": 0.0}),),
     )
     res = _train.train(task, [group], progress=config.progress, on_step=on_step)["sgd"]
+    snaps[task.total_steps] = res.params  # θ*: the end of training, whatever `every` is
     steps = sorted(snaps)
     final = snaps[steps[-1]]
     cov = coverage(snaps, final, steps)
