@@ -2,22 +2,27 @@
 
 Control (optax transforms): :func:`layca`, :func:`lars`, :func:`sgd_amom`, :func:`adapt_copy`
 and the operations they chain. Measure: :mod:`optax_layca.rotation` (main names re-exported
-here) and :mod:`optax_layca.lca`. Show: :mod:`optax_layca.plot`. Command line:
-:mod:`optax_layca.app`.
+here) and :mod:`optax_layca.lca`; :mod:`optax_layca.metrics` sends both to TensorBoard, W&B or
+clu. Show: :mod:`optax_layca.plot`. Command line: :mod:`optax_layca.app`.
 
-The names below are imported on first use (PEP 562): ``import optax_layca`` does not import
-jax, so the command line answers ``--help`` at once.
+The names below are imported on first use (PEP 562): ``import optax_layca`` imports neither
+jax nor matplotlib, so the command line answers ``--help`` at once. In IPython,
+:mod:`optax_layca.plot` is imported with the package, so that the measurements display
+themselves in notebooks.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0.dev0"
 
 # public name -> (module relative to this package, attribute; "" for the module itself)
 _LAZY = {
+    "metrics": (".metrics", ""),
+    "plot": (".plot", ""),
     "rotation": (".rotation", ""),
     "AdaptCopyState": ("._adapt_copy", "AdaptCopyState"),
     "adapt_copy": ("._adapt_copy", "adapt_copy"),
@@ -34,6 +39,7 @@ _LAZY = {
     "forward_order": ("._layers", "forward_order"),
     "layer_paths": ("._layers", "layer_paths"),
     "natural_order": ("._layers", "natural_order"),
+    "natural_order_is_forward": ("._layers", "natural_order_is_forward"),
     "path_str": ("._layers", "path_str"),
     "ScaleByLayerMultipliersState": ("._multipliers", "ScaleByLayerMultipliersState"),
     "layer_multipliers": ("._multipliers", "layer_multipliers"),
@@ -67,7 +73,12 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
+if "IPython" in sys.modules:  # a notebook: register the measurements' displays now
+    from . import plot as plot  # noqa: E402
+
 if TYPE_CHECKING:  # static analysis and IDEs see the eager imports
+    from . import metrics as metrics
+    from . import plot as plot
     from . import rotation as rotation
     from ._adapt_copy import AdaptCopyState as AdaptCopyState
     from ._adapt_copy import adapt_copy as adapt_copy
@@ -84,6 +95,7 @@ if TYPE_CHECKING:  # static analysis and IDEs see the eager imports
     from ._layers import forward_order as forward_order
     from ._layers import layer_paths as layer_paths
     from ._layers import natural_order as natural_order
+    from ._layers import natural_order_is_forward as natural_order_is_forward
     from ._layers import path_str as path_str
     from ._multipliers import ScaleByLayerMultipliersState as ScaleByLayerMultipliersState
     from ._multipliers import layer_multipliers as layer_multipliers
