@@ -5,10 +5,10 @@ and the operations they chain. Measure: :mod:`optax_layca.rotation` (main names 
 here) and :mod:`optax_layca.lca`; :mod:`optax_layca.metrics` sends both to TensorBoard, W&B or
 clu. Show: :mod:`optax_layca.plot`. Command line: :mod:`optax_layca.app`.
 
-The names below are imported on first use (PEP 562): ``import optax_layca`` does not import
-jax, so the command line answers ``--help`` at once. In a notebook (IPython already
-running) :mod:`optax_layca.plot` is imported at once, without matplotlib, so that the
-measurements display themselves.
+The names below are imported on first use (PEP 562): ``import optax_layca`` imports neither
+jax nor matplotlib, so the command line answers ``--help`` at once. In IPython,
+:mod:`optax_layca.plot` is imported with the package, so that the measurements display
+themselves in notebooks.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ __version__ = "0.2.0.dev0"
 
 # public name -> (module relative to this package, attribute; "" for the module itself)
 _LAZY = {
-    "rotation": (".rotation", ""),
     "lca": (".lca", ""),
     "metrics": (".metrics", ""),
     "plot": (".plot", ""),
+    "rotation": (".rotation", ""),
     "AdaptCopyState": ("._adapt_copy", "AdaptCopyState"),
     "adapt_copy": ("._adapt_copy", "adapt_copy"),
     "scale_by_adapt_copy": ("._adapt_copy", "scale_by_adapt_copy"),
@@ -74,6 +74,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
+if "IPython" in sys.modules:  # a notebook: register the measurements' displays now
+    from . import plot as plot  # noqa: E402
+
 if TYPE_CHECKING:  # static analysis and IDEs see the eager imports
     from . import lca as lca
     from . import metrics as metrics
@@ -107,6 +110,3 @@ if TYPE_CHECKING:  # static analysis and IDEs see the eager imports
     from .rotation import layer_convergence_rate as layer_convergence_rate
     from .rotation import layer_rotation as layer_rotation
     from .rotation import track_rotation as track_rotation
-
-if "IPython" in sys.modules:  # a notebook: register the displays of the measurements
-    importlib.import_module(".plot", __name__)

@@ -2,7 +2,8 @@
 
 Transforms before ``optax.scale_by_learning_rate`` act on gradient-like directions; those after
 it act on the signed update and read ``params``. Every reduction is per layer (or per unit) and
-in float32; results are cast back to the dtype of the incoming update.
+in float32 at least (float64 leaves stay float64, see :func:`~optax_layca._layers.compute_dtype`);
+results are cast back to the dtype of the incoming update.
 """
 
 from __future__ import annotations
@@ -11,18 +12,28 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ._base import is_concrete, value_at
+from ._base import (
+    check_choice,
+    check_learning_rate,
+    check_number,
+    guard_rate,
+    is_concrete,
+    value_at,
+)
 from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
 from ._layers import (
     Layering,
     LeafLayout,
+    check_layer_order,
+    check_like_init,
     check_params,
+    compute_dtype,
     layer_dot,
     layer_norm,
     tensor_layouts,
+    upcast,
 )
 from ._multipliers import check_alpha, init_layer_depths, multiplier_at_depth
 
@@ -39,28 +50,23 @@ def check_non_layer(
     non_layer: str, where: str, allowed: tuple[str, ...] = NON_LAYER_POLICIES
 ) -> None:
     """Raises a ValueError unless ``non_layer`` is one of ``allowed``."""
-    if non_layer not in allowed:
-        raise ValueError(f"`{where}(non_layer=...)` must be one of {allowed}; got {non_layer!r}.")
+    check_choice(non_layer, allowed, f"{where}(non_layer=...)")
 
 
 def check_min_step_norm(min_step_norm: float, where: str) -> None:
     """Raises a ValueError unless ``min_step_norm`` is a finite float >= 0 (or traced, as
     under ``optax.inject_hyperparams``)."""
-    if not is_concrete(min_step_norm):
-        return
-    if np.ndim(min_step_norm) != 0 or not 0.0 <= float(min_step_norm) < np.inf:
-        raise ValueError(
-            f"`{where}(min_step_norm=...)` must be a finite float >= 0; got {min_step_norm!r}."
-        )
+    check_number(min_step_norm, f"{where}(min_step_norm=...)", low=0.0)
 
 
 def initial_layer_norms(
     params: Any, layering: Layering, transform: str, non_layer: str = "pass"
 ) -> Any:
-    """‖w⁰‖ per layer (float32, reduced axes kept; a 0-d zero for non-layer leaves).
+    """‖w⁰‖ per layer (float32 at least, reduced axes kept; a 0-d zero for non-layer leaves).
 
     A zero-norm layer can never rotate under a norm-pinning transform, so when ``params`` are
-    concrete this raises a ValueError naming the leaf. With ``non_layer="normalize"``
+    concrete this raises a ValueError naming the leaf. Under a jitted ``init`` it cannot; the
+    layer is then flagged by :func:`zero_norm_flags`. With ``non_layer="normalize"``
     non-layer leaves get their own norm too (whole, or per block: see
     :func:`~optax_layca._layers.tensor_layouts`), zero allowed (a zero bias stays 0).
     """
@@ -84,6 +90,24 @@ def initial_layer_norms(
     return layering.map(norm, params)
 
 
+def zero_norm_flags(params: Any, initial_norm: Any, layering: Layering) -> Any:
+    """``‖w⁰‖ == 0`` per layer (bool, reduced axes kept; a 0-d False for non-layer leaves).
+
+    Such a layer (e.g. a zero-initialised classifier head or residual branch reached through a
+    jitted ``init``) stays at 0 forever under a norm-pinning transform: the flag makes that
+    visible in the state (``optax.tree.get(state, "zero_initial_norm")``), and
+    :func:`~optax_layca.rotation.track_rotation` reports such layers too.
+    """
+    return layering.map(
+        lambda lo, w, n0: (n0 == 0) if lo.is_layer else jnp.zeros((), bool), params, initial_norm
+    )
+
+
+def check_layering_args(where: str, parallel_tol: Any = 0.0) -> None:
+    """``parallel_tol`` in [0, 1) (``is_layer``/``layer_axis``/``per_unit``: :class:`Layering`)."""
+    check_number(parallel_tol, f"{where}(parallel_tol=...)", low=0.0, high=1.0, high_open=True)
+
+
 def project_orthogonal(
     *,
     is_layer: IsLayer = None,
@@ -105,7 +129,8 @@ def project_orthogonal(
       is_layer: which leaves are layers (default: kernels/embeddings, ndim >= 2).
       layer_axis: stack axis of leaves holding several layers.
       per_unit: project each output unit (last axis) separately.
-      parallel_tol: relative threshold under which the projected step is set to 0.
+      parallel_tol: relative threshold under which the projected step is set to 0, in
+        ``[0, 1)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (needs ``params``).
@@ -117,6 +142,7 @@ def project_orthogonal(
       >>> u["kernel"].tolist()
       [[0.0, 3.0]]
     """
+    check_layering_args("project_orthogonal", parallel_tol)
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -126,7 +152,7 @@ def project_orthogonal(
         def project(lo, s, w):
             if not lo.is_layer:
                 return s
-            s32, w32 = s.astype(jnp.float32), w.astype(jnp.float32)
+            s32, w32 = upcast(s, w)
             a, b = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo)
             perp = s32 - jnp.where(a > 0, b / jnp.where(a > 0, a, 1.0), 0.0) * w32
             keep = (a > 0) & (layer_dot(perp, perp, lo) > parallel_tol**2 * layer_dot(s32, s32, lo))
@@ -174,9 +200,10 @@ def scale_to_weight_norm(
                 if tensors is None:
                     return s
                 lo = tensors[lo.path]
-            ns, nw = layer_norm(s, lo), layer_norm(w, lo)
+            s32, w32 = upcast(s, w)
+            ns, nw = layer_norm(s32, lo), layer_norm(w32, lo)
             k = jnp.where(ns > 0, nw / jnp.where(ns > 0, ns, 1.0), 0.0)
-            return (s.astype(jnp.float32) * k).astype(s.dtype)
+            return (s32 * k).astype(s.dtype)
 
         return layering.map(scale, updates, params), state
 
@@ -184,9 +211,24 @@ def scale_to_weight_norm(
 
 
 class InitialNormState(NamedTuple):
-    """Norm of every layer at ``init`` (float32, reduced axes kept; 0-d 0 for non-layers)."""
+    """State of :func:`project_to_initial_norm` and :func:`cap_norm_increase`.
+
+    Attributes:
+      initial_norm: ‖w⁰‖ of every layer at ``init`` (float32 at least, reduced axes kept; 0-d
+        0 for non-layers).
+      zero_initial_norm: ``‖w⁰‖ == 0`` per layer (bool; see :func:`zero_norm_flags`).
+    """
 
     initial_norm: Any
+    zero_initial_norm: Any
+
+
+def initial_norm_state(
+    params: Any, layering: Layering, transform: str, non_layer: str = "pass"
+) -> InitialNormState:
+    """``‖w⁰‖`` per layer with its zero flags (see :func:`initial_layer_norms`)."""
+    norms = initial_layer_norms(params, layering, transform, non_layer)
+    return InitialNormState(norms, zero_norm_flags(params, norms, layering))
 
 
 def project_to_initial_norm(
@@ -204,7 +246,9 @@ def project_to_initial_norm(
 
     ``init`` raises a ValueError naming the layer when a concrete initial norm is zero. When
     ``init`` runs under tracing that check is impossible; a zero ``‖w⁰‖`` then pins the layer
-    at 0 (``u' = -w``), and ``w' = 0`` leaves ``u`` unchanged: no NaN either way.
+    at 0 (``u' = -w``), and ``w' = 0`` leaves ``u`` unchanged: no NaN either way. Such layers
+    are flagged in the state's ``zero_initial_norm`` (and reported by
+    :func:`~optax_layca.rotation.track_rotation`): they never train.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -217,16 +261,17 @@ def project_to_initial_norm(
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def init_fn(params):
-        return InitialNormState(initial_layer_norms(params, layering, "project_to_initial_norm"))
+        return initial_norm_state(params, layering, "project_to_initial_norm")
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        check_like_init(updates, state.initial_norm, layering, "project_to_initial_norm")
 
         def project(lo, u, w, n0):
             if not lo.is_layer:
                 return u
-            w32, u32 = w.astype(jnp.float32), u.astype(jnp.float32)
+            w32, u32 = upcast(w, u)
             new = w32 + u32
             n = layer_norm(new, lo)
             k = jnp.where(n > 0, n0 / jnp.where(n > 0, n, 1.0), 1.0)
@@ -276,19 +321,17 @@ def cap_norm_increase(
     References:
       Carbonnelle & De Vleeschouwer, 2019, App. A.2, footnote 7.
     """
-    if is_concrete(max_increase) and not float(max_increase) >= 0:
-        raise ValueError(f"`cap_norm_increase(max_increase=...)` must be >= 0; got {max_increase}.")
+    check_number(max_increase, "cap_norm_increase(max_increase=...)", low=0.0)
     check_non_layer(non_layer, "cap_norm_increase", NORMALIZE_POLICIES)
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def init_fn(params):
-        return InitialNormState(
-            initial_layer_norms(params, layering, "cap_norm_increase", non_layer)
-        )
+        return initial_norm_state(params, layering, "cap_norm_increase", non_layer)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        check_like_init(updates, state.initial_norm, layering, "cap_norm_increase")
         tensors = tensor_layouts(params, layering) if non_layer == "normalize" else None
 
         def cap(lo, u, w, n0):
@@ -296,8 +339,8 @@ def cap_norm_increase(
                 if tensors is None:
                     return u
                 lo = tensors[lo.path]
-            w32 = w.astype(jnp.float32)
-            new = w32 + u.astype(jnp.float32)
+            w32, u32 = upcast(w, u)
+            new = w32 + u32
             n, n_new = layer_norm(w32, lo), layer_norm(new, lo)
             limit = n + max_increase * n0
             k = jnp.where(n_new > limit, limit / jnp.where(n_new > 0, n_new, 1.0), 1.0)
@@ -323,7 +366,8 @@ def layca_layer_update(
     a scalar or hold one rate per stacked layer/unit. Shared by :func:`scale_by_layca` and
     ``adapt_copy``.
     """
-    w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
+    w32, s32 = upcast(w, s)
+    rho = jnp.asarray(rho).astype(w32.dtype)
     a, b, c = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo), layer_dot(s32, s32, lo)
     has_norm = a > 0
     a_safe = jnp.where(has_norm, a, 1.0)
@@ -368,15 +412,18 @@ class ScaleByLaycaState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32), for learning-rate and α schedules.
-      initial_norm: ‖w⁰‖ per layer (float32, reduced axes kept).
+      initial_norm: ‖w⁰‖ per layer (float32 at least, reduced axes kept).
       layer_depth: layer index per leaf (int32, -1 for non-layers).
       num_layers: ``L`` (int32); 0 when no forward order was known at ``init`` (α was 0).
+      zero_initial_norm: ``‖w⁰‖ == 0`` per layer (bool): layers that never train (see
+        :func:`zero_norm_flags`).
     """
 
     count: jax.Array
     initial_norm: Any
     layer_depth: Any
     num_layers: jax.Array
+    zero_initial_norm: Any
 
 
 def scale_by_layca(
@@ -416,8 +463,10 @@ def scale_by_layca(
     learning rate).
 
     Args:
-      learning_rate: ``η(t)``, the rotation per step of a multiplier-1 layer is
-        ``arctan(η(t))``; a float or an optax schedule.
+      learning_rate: ``η(t) >= 0``, the rotation per step of a multiplier-1 layer is
+        ``arctan(η(t))``; a float or an optax schedule (checked at step 0). A negative or NaN
+        rate that cannot be checked early (a schedule's later values, a rate traced by
+        ``optax.inject_hyperparams``) makes the updates NaN rather than ascend.
       alpha: Eq. 1 prioritisation in ``[-1, 1]`` (or a schedule).
       layer_order: forward order of layer paths (None: natural sort).
       non_layer: ``"freeze"`` or ``"base"``.
@@ -438,32 +487,44 @@ def scale_by_layca(
       >>> np.asarray(w["kernel"] + u["kernel"], float).round(4).tolist()  # 45 degrees, norm kept
       [[0.7071, 0.7071]]
     """
+    check_learning_rate(learning_rate, "scale_by_layca(learning_rate=...)")
     check_alpha(alpha, "scale_by_layca(alpha=...)")
+    check_layer_order(layer_order, "scale_by_layca")
     check_non_layer(non_layer, "scale_by_layca")
+    check_layering_args("scale_by_layca", parallel_tol)
     check_min_step_norm(min_step_norm, "scale_by_layca")
     layering = Layering(is_layer, layer_axis, per_unit)
+    rate = guard_rate(learning_rate)
 
     def init_fn(params):
-        depth, num_layers = init_layer_depths(params, layering, layer_order, alpha)
+        depth, num_layers = init_layer_depths(
+            params, layering, layer_order, alpha, "scale_by_layca"
+        )
+        norms = initial_layer_norms(params, layering, "scale_by_layca")
         return ScaleByLaycaState(
             count=jnp.zeros((), jnp.int32),
-            initial_norm=initial_layer_norms(params, layering, "scale_by_layca"),
+            initial_norm=norms,
             layer_depth=depth,
             num_layers=num_layers,
+            zero_initial_norm=zero_norm_flags(params, norms, layering),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
-        lr = value_at(learning_rate, state.count).astype(jnp.float32)
+        check_like_init(updates, state.initial_norm, layering, "scale_by_layca")
+        lr = value_at(rate, state.count)
         a_t = value_at(alpha, state.count)
 
         def fused(lo, s, w, n0, depth):
             if not lo.is_layer:
                 if non_layer == "freeze":
                     return jnp.zeros_like(s)
-                return (-lr * s.astype(jnp.float32)).astype(s.dtype)
-            rho = lr * multiplier_at_depth(a_t, depth, state.num_layers)
+                s32 = upcast(s)
+                return (-lr.astype(s32.dtype) * s32).astype(s.dtype)
+            dtype = compute_dtype(s, w)
+            m = multiplier_at_depth(a_t, depth, state.num_layers, dtype)
+            rho = lr.astype(dtype) * m
             return layca_layer_update(lo, s, w, n0, rho, parallel_tol, min_step_norm)
 
         updates = layering.map(fused, updates, params, state.initial_norm, state.layer_depth)

@@ -57,6 +57,10 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def _is_axis(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def default_is_layer(path: str, leaf: Any) -> bool:
     """Default layer predicate: a leaf named kernel/embedding/w, or any leaf with ndim >= 2.
 
@@ -145,17 +149,33 @@ class Layering:
                     f"paths; got {self.is_layer!r}."
                 )
             object.__setattr__(self, "is_layer", tuple(self.is_layer))
-        if isinstance(self.layer_axis, Mapping):
-            object.__setattr__(self, "layer_axis", tuple(sorted(self.layer_axis.items())))
+        axis = self.layer_axis
+        if isinstance(axis, Mapping):
+            bad = {k: v for k, v in axis.items() if not _is_axis(v) or not isinstance(k, str)}
+            if bad:
+                raise TypeError(
+                    "`layer_axis` as a mapping must map layer paths to int axes; got "
+                    f"{bad!r}."
+                )
+            object.__setattr__(self, "layer_axis", tuple(sorted(axis.items())))
+        elif not (axis is None or callable(axis) or _is_axis(axis)):
+            raise TypeError(
+                "`layer_axis` must be None, an int, a {path: int} mapping or "
+                f"callable(path, leaf) -> int | None; got {axis!r}."
+            )
         if not isinstance(self.per_unit, bool):
             raise TypeError(f"`per_unit` must be a bool; got {self.per_unit!r}.")
 
     def _is_layer(self, path: str, leaf: Any) -> bool:
         if self.is_layer is None:
             return default_is_layer(path, leaf)
-        if callable(self.is_layer):
-            return bool(self.is_layer(path, leaf))
-        return path in self.is_layer
+        chosen = self.is_layer(path, leaf) if callable(self.is_layer) else path in self.is_layer
+        if chosen and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"`is_layer` chose leaf {path!r} of dtype {jnp.result_type(leaf)}, but layers "
+                "must be floating point."
+            )
+        return bool(chosen)
 
     def scan_root(self, path: str) -> str | None:
         """The mapping key naming ``path``'s scanned module (``layer_axis={module: axis}``).
@@ -243,15 +263,35 @@ class Layering:
         return tuple(lo.path for lo in self.layouts(tree) if lo.is_layer)
 
 
+def compute_dtype(*xs: Any) -> jnp.dtype:
+    """dtype of the per-layer maths: that of the arrays, promoted to at least float32.
+
+    bfloat16/float16 leaves are reduced in float32 (their sums of squares overflow and lose
+    digits otherwise); float64 leaves (``jax_enable_x64``) stay in float64.
+    """
+    # Not jnp.promote_types: it refuses bfloat16 + float32 under strict dtype promotion.
+    dtypes = [jnp.dtype(jnp.result_type(x)) for x in xs]
+    wide = any(d.itemsize >= (16 if jnp.issubdtype(d, jnp.complexfloating) else 8) for d in dtypes)
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+        return jnp.dtype(jnp.complex128 if wide else jnp.complex64)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def upcast(*xs: jax.Array) -> Any:
+    """The arrays cast to their common :func:`compute_dtype` (one array for one argument)."""
+    dtype = compute_dtype(*xs)
+    out = tuple(jnp.asarray(x).astype(dtype) for x in xs)
+    return out[0] if len(out) == 1 else out
+
+
 def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
-    """Per-layer inner product in float32, with the reduced axes kept (for broadcasting)."""
-    return jnp.sum(
-        x.astype(jnp.float32) * y.astype(jnp.float32), axis=lo.reduce_axes, keepdims=True
-    )
+    """Per-layer inner product in :func:`compute_dtype` (float32 at least), reduced axes kept."""
+    dtype = compute_dtype(x, y)
+    return jnp.sum(x.astype(dtype) * y.astype(dtype), axis=lo.reduce_axes, keepdims=True)
 
 
 def layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
-    """Per-layer Euclidean norm in float32, reduced axes kept."""
+    """Per-layer Euclidean norm in :func:`compute_dtype`, reduced axes kept."""
     return jnp.sqrt(layer_dot(x, x, lo))
 
 
@@ -293,11 +333,86 @@ def check_same_structure(tree: Any, reference: Any, name: str, ref_name: str = "
     )
 
 
+def check_same_shapes(tree: Any, reference: Any, name: str, ref_name: str = "params") -> None:
+    """Raises a ValueError naming the first leaf whose shape differs (same structures)."""
+    for (p, x), y in zip(jtu.tree_flatten_with_path(tree)[0], jax.tree.leaves(reference)):
+        if shape_of(x) != shape_of(y):
+            raise ValueError(
+                f"`{name}` and `{ref_name}` must have the same leaf shapes; leaf "
+                f"{path_str(p)!r} has shape {shape_of(x)} in `{name}` and {shape_of(y)} in "
+                f"`{ref_name}`."
+            )
+
+
 def check_params(updates: Any, params: Any) -> None:
-    """Raises unless ``params`` is given and has the structure of ``updates``."""
+    """Raises unless ``params`` is given and has the structure and leaf shapes of ``updates``."""
     if params is None:
         raise ValueError(NO_PARAMS_MSG)
     check_same_structure(updates, params, "updates")
+    check_same_shapes(updates, params, "updates")
+
+
+def check_like_init(tree: Any, per_layer: Any, layering: Layering, where: str) -> None:
+    """Checks ``tree`` against a per-layer state leaf built by ``init`` (reduced axes kept).
+
+    Same structure, and every layer leaf of the same rank with the same kept axes (stack axis,
+    units) as at init; names the leaf otherwise. A change of size along a reduced axis cannot
+    be seen from a per-layer figure.
+    """
+    check_same_structure(tree, per_layer, "updates", "params at init")
+    for (p, x), ref in zip(jtu.tree_flatten_with_path(tree)[0], jax.tree.leaves(per_layer)):
+        lo = layering.layout(path_str(p), x)
+        shape, ref_shape = shape_of(x), shape_of(ref)
+        if not lo.is_layer:
+            # a 0-d placeholder, or a whole-tensor norm kept per block (``non_layer="normalize"``)
+            same = ref_shape == () or (
+                len(ref_shape) == len(shape) and all(r in (1, n) for n, r in zip(shape, ref_shape))
+            )
+        else:
+            same = len(ref_shape) == len(shape) and all(
+                r in (1, n) and (r == n or i in lo.reduce_axes)
+                for i, (n, r) in enumerate(zip(shape, ref_shape))
+            )
+        if not same:
+            raise ValueError(
+                f"`{where}`: leaf {lo.path!r} has shape {shape}, which does not match the "
+                f"params seen at `init` (per-layer state of shape {ref_shape}). Call `init` "
+                "again after changing the model."
+            )
+
+
+def no_layer_error(tree: Any, where: str) -> ValueError:
+    """The "no layer found" error, saying when integer or complex dtypes are the reason."""
+    msg = (
+        f"No layer found in params (`{where}`): no leaf matches `is_layer` (default: "
+        f"floating-point leaves named {'/'.join(LAYER_NAMES)} or with ndim >= 2). Pass "
+        "`is_layer=` to choose them."
+    )
+    skipped = [
+        f"{path_str(p)} ({jnp.result_type(x)})"
+        for p, x in jtu.tree_flatten_with_path(tree)[0]
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        and (path_str(p).rsplit("/", 1)[-1] in LAYER_NAMES or len(shape_of(x)) >= 2)
+    ]
+    if skipped:
+        msg += (
+            f" These leaves look like layers but are not floating point, and layers must be: "
+            f"{skipped[:5]}."
+        )
+    return ValueError(msg)
+
+
+def check_layer_order(layer_order: LayerOrder, where: str) -> None:
+    """Type check of ``layer_order`` at construction (the paths are checked at ``init``)."""
+    if layer_order is None:
+        return
+    if isinstance(layer_order, str) or not isinstance(layer_order, Iterable):
+        raise TypeError(
+            f"`{where}(layer_order=...)` must be a sequence of layer paths; got {layer_order!r}."
+        )
+    bad = [p for p in layer_order if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"`{where}(layer_order=...)` must hold path strings; got {bad[:3]}.")
 
 
 # A path part that Flax or a Python list numbered: ``Dense_3``, ``layers_12``, ``12``.
@@ -327,7 +442,12 @@ def natural_order_is_forward(paths: Iterable[str]) -> bool:
 
 
 def resolve_layer_order(
-    params: Any, layering: Layering, layer_order: LayerOrder = None, *, need_order: bool = True
+    params: Any,
+    layering: Layering,
+    layer_order: LayerOrder = None,
+    where: str = "init",
+    *,
+    need_order: bool = True,
 ) -> tuple[str, ...]:
     """Validated forward order of the layer leaves of ``params``.
 
@@ -338,11 +458,10 @@ def resolve_layer_order(
     nothing else.
     """
     paths = layering.layer_paths(params)
+    if not jax.tree.leaves(params):
+        return ()  # an empty tree (``optax.masked(tx, {})``, an unused partition label)
     if not paths:
-        raise ValueError(
-            "No layer found in params: no leaf matches `is_layer` (default: leaves named "
-            f"{'/'.join(LAYER_NAMES)} or with ndim >= 2). Pass `is_layer=` to choose them."
-        )
+        raise no_layer_error(params, where)
     if layer_order is None:
         if need_order and not natural_order_is_forward(paths):
             raise ValueError(
@@ -435,7 +554,12 @@ def layer_stacks(params: Any, layering: Layering, order: Sequence[str]) -> tuple
 
 
 def layer_depths(
-    params: Any, layering: Layering, layer_order: LayerOrder = None, *, need_order: bool = True
+    params: Any,
+    layering: Layering,
+    layer_order: LayerOrder = None,
+    where: str = "init",
+    *,
+    need_order: bool = True,
 ):
     """Depth index ``l`` (0 = first layer) of every leaf, and the number of layers ``L``.
 
@@ -447,7 +571,7 @@ def layer_depths(
     must therefore be consecutive in the layer order (as :func:`forward_order` gives them).
     ``need_order``: see :func:`resolve_layer_order`.
     """
-    order = resolve_layer_order(params, layering, layer_order, need_order=need_order)
+    order = resolve_layer_order(params, layering, layer_order, where, need_order=need_order)
     stack_of = {p: st for st in layer_stacks(params, layering, order) for p in st.paths}
     first: dict[str, tuple[int, int]] = {}  # path -> (depth of block 0, depth stride)
     total = 0
@@ -519,20 +643,18 @@ def module_layer_depths(params: Any, layering: Layering, depth: Any) -> Any:
     flat = jtu.tree_flatten_with_path(params)[0]
     layouts = layering.layouts(params)
     depths = jax.tree.leaves(depth)
-    # A leaf's module is its parent path (the grouping of lca's ``module_path``).
-    module_of = lambda path: path.rpartition("/")[0]
     owner: dict[str, tuple[LeafLayout, Any]] = {}
     for lo, d in zip(layouts, depths):
         if lo.is_layer:
-            owner.setdefault(module_of(lo.path), (lo, d))
+            owner.setdefault(module_path(lo.path), (lo, d))
     out = []
     for lo, (_, x), d in zip(layouts, flat, depths):
-        if lo.is_layer or module_of(lo.path) not in owner:
+        if lo.is_layer or module_path(lo.path) not in owner:
             out.append(d)
             continue
-        kernel, kd = owner[module_of(lo.path)]
+        kernel, kd = owner[module_path(lo.path)]
         if kernel.stack_axis is None:
-            out.append(kd)
+            out.append(jnp.copy(kd))  # its own buffer: a state sharing one cannot be donated
             continue
         shape, n = shape_of(x), np.size(kd)
         if len(shape) <= kernel.stack_axis or shape[kernel.stack_axis] != n:
@@ -654,7 +776,7 @@ def forward_order(
     _first_uses(jaxpr, env, order, set())
     layers = set(layering.layer_paths(params))
     if not layers:
-        raise ValueError("`forward_order`: no layer found in params (check `is_layer`).")
+        raise no_layer_error(params, "forward_order")
     ordered = [p for p in order if p in layers]
     unused = natural_order(layers - set(ordered))
     return tuple(ordered) + unused

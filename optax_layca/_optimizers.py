@@ -6,12 +6,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._base import is_concrete
+from ._base import (
+    check_bool,
+    check_learning_rate,
+    check_number,
+    guard_rate,
+    is_concrete,
+)
 from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
 from ._layca import (
     DEFAULT_PARALLEL_TOL,
     NON_LAYER_POLICIES,
     cap_norm_increase,
+    check_layering_args,
     check_min_step_norm,
     check_non_layer,
     project_orthogonal,
@@ -19,7 +26,7 @@ from ._layca import (
     scale_by_layca,
     scale_to_weight_norm,
 )
-from ._layers import Layering
+from ._layers import Layering, check_layer_order, check_like_init, check_params
 from ._multipliers import check_alpha, scale_by_layer_multipliers
 
 BASE_SIGN_MSG = (
@@ -55,14 +62,39 @@ def _check_base_direction(base: optax.GradientTransformation) -> optax.GradientT
 
 
 def base_direction(base: optax.GradientTransformation | None, check_base: bool):
-    """``base`` as a direction transform (identity for None), probed for the sign error."""
+    """``base`` as a direction transform (identity for None), probed for the sign error.
+
+    A plain ``GradientTransformation`` is wrapped with ``optax.with_extra_args_support``, so
+    extra ``update`` arguments (``value=``, ``grad=`` from optimistix or
+    ``reduce_on_plateau``) reach it harmlessly.
+    """
+    check_bool(check_base, "check_base")
     if base is None:
         return optax.identity()
     if not isinstance(base, optax.GradientTransformation):
         raise TypeError(
             f"`base` must be an optax.GradientTransformation giving a step direction; got {base!r}."
         )
+    base = optax.with_extra_args_support(base)
     return _check_base_direction(base) if check_base else base
+
+
+def guard_chain(
+    tx: optax.GradientTransformation, where: str, layering: Layering, index: int
+) -> optax.GradientTransformationExtraArgs:
+    """``tx`` (an ``optax.chain``) checking ``updates``/``params`` before any link runs.
+
+    The check reads the per-layer state of link ``index`` (an ``initial_norm`` built at
+    ``init``), so a tree changed since ``init`` is reported by name before ``base`` (whose
+    own tree errors name no leaf) sees it. The state is ``tx``'s, unchanged.
+    """
+
+    def update_fn(updates, state, params=None, **extra_args):
+        check_params(updates, params)
+        check_like_init(updates, state[index].initial_norm, layering, where)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _non_layer_mask(layering: Layering):
@@ -126,7 +158,8 @@ def layca(
       optax.trace(m))`` reproduces it where ``η`` changes (constant ``η`` cancels).
 
     Args:
-      learning_rate: global rate ``η(t)`` (float or optax schedule).
+      learning_rate: global rate ``η(t) >= 0`` (float or optax schedule, checked at step 0; a
+        negative or NaN rate that cannot be checked early gives NaN updates, never an ascent).
       base: step direction transform (None: the raw gradient, i.e. SGD).
       alpha: Eq. 1 prioritisation in ``[-1, 1]`` or a schedule; 0: uniform rates.
       layer_order: layer paths in forward order (see :func:`forward_order`); None: the
@@ -137,7 +170,8 @@ def layca(
       is_layer: which leaves are layers (callable ``(path, leaf) -> bool`` or list of paths).
       layer_axis: stack axis of leaves holding several layers (``nn.scan``).
       per_unit: rotate each output unit separately (Nero-like).
-      parallel_tol: steps this close to parallel to ``w`` (relative) are dropped.
+      parallel_tol: steps this close to parallel to ``w`` (relative, in ``[0, 1)``) are
+        dropped.
       min_step_norm: layers whose lr-scaled projected step ``ρ_l‖s_⊥‖`` is at most this do
         not move (the authors' guard: 1e-7; default 0, off). Fused form only.
       fused: one reduction pass per layer (:func:`scale_by_layca`); False gives the explicit
@@ -179,8 +213,12 @@ def layca(
       its impact on generalization`, 2019, Algorithm 1, Eq. 1, footnote 2 (biases left for
       future work).
     """
+    check_learning_rate(learning_rate, "layca(learning_rate=...)")
     check_alpha(alpha, "layca(alpha=...)")
+    check_layer_order(layer_order, "layca")
     check_non_layer(non_layer, "layca")
+    check_layering_args("layca", parallel_tol)
+    check_bool(fused, "layca(fused=...)")
     check_min_step_norm(min_step_norm, "layca")
     if not fused and is_concrete(min_step_norm) and float(min_step_norm) != 0:
         raise ValueError(
@@ -190,20 +228,22 @@ def layca(
     layering = Layering(is_layer, layer_axis, per_unit)
     kw = dict(is_layer=is_layer, layer_axis=layer_axis, per_unit=per_unit)
     if fused:
-        return optax.chain(
+        tx = optax.chain(
             base_direction(base, check_base),
             scale_by_layca(learning_rate, alpha, layer_order, non_layer=non_layer,
                            parallel_tol=parallel_tol, min_step_norm=min_step_norm, **kw),
         )
-    return optax.chain(
+        return guard_chain(tx, "layca", layering, 1)
+    tx = optax.chain(
         base_direction(base, check_base),
         project_orthogonal(parallel_tol=parallel_tol, **kw),
         scale_to_weight_norm(**kw),
         scale_by_layer_multipliers(alpha, layer_order, is_layer=is_layer, layer_axis=layer_axis),
-        optax.scale_by_learning_rate(learning_rate),
+        optax.scale_by_learning_rate(guard_rate(learning_rate)),
         project_to_initial_norm(**kw),
         _freeze_non_layers(layering, non_layer),
     )
+    return guard_chain(tx, "layca", layering, 5)
 
 
 LARS_NON_LAYER_POLICIES = ("normalize", *NON_LAYER_POLICIES)
@@ -294,20 +334,24 @@ def lars(
       its impact on generalization`, 2019, App. A.2 and footnote 7; You et al., `Large Batch
       Training of Convolutional Networks <https://arxiv.org/abs/1708.03888>`_, 2017.
     """
+    check_learning_rate(learning_rate, "lars(learning_rate=...)")
     check_alpha(alpha, "lars(alpha=...)")
+    check_layer_order(layer_order, "lars")
+    check_number(max_norm_increase, "lars(max_norm_increase=...)", low=0.0)
     check_non_layer(non_layer, "lars", LARS_NON_LAYER_POLICIES)
     layering = Layering(is_layer, layer_axis, per_unit)
     kw = dict(is_layer=is_layer, layer_axis=layer_axis, per_unit=per_unit)
     tensors = "normalize" if non_layer == "normalize" else "pass"
-    return optax.chain(
+    tx = optax.chain(
         base_direction(base, check_base),
         scale_to_weight_norm(non_layer=tensors, **kw),
         scale_by_layer_multipliers(alpha, layer_order, is_layer=is_layer, layer_axis=layer_axis,
                                    non_layer="module" if tensors == "normalize" else "pass"),
-        optax.scale_by_learning_rate(learning_rate),
+        optax.scale_by_learning_rate(guard_rate(learning_rate)),
         cap_norm_increase(max_norm_increase, non_layer=tensors, **kw),
         _freeze_non_layers(layering, non_layer),
     )
+    return guard_chain(tx, "lars", layering, 4)
 
 
 def sgd_amom(
@@ -331,8 +375,9 @@ def sgd_amom(
     References:
       Carbonnelle & De Vleeschouwer, 2019, App. B.4.
     """
-    if is_concrete(momentum) and not 0.0 <= float(momentum) < 1.0:
-        raise ValueError(f"`sgd_amom(momentum=...)` must lie in [0, 1); got {momentum}.")
+    check_learning_rate(learning_rate, "sgd_amom(learning_rate=...)")
+    check_number(momentum, "sgd_amom(momentum=...)", low=0.0, high=1.0, high_open=True)
     return optax.chain(
-        optax.ema(momentum, debias=False), optax.scale_by_learning_rate(learning_rate)
+        optax.ema(momentum, debias=False),
+        optax.scale_by_learning_rate(guard_rate(learning_rate)),
     )

@@ -1,8 +1,8 @@
-"""Test helpers: tree asserts, a numpy MLP, and slow numpy transcriptions of the papers' maths.
+"""Test helpers: tree asserts, the one MLP builder, and slow numpy transcriptions of the maths.
 
-Everything below is written from the paper (seed 000: Algorithm 1, Eq. 1, App. A.2) in float64
-numpy, one layer at a time, without importing ``optax_layca``: it is the independent reference
-the library is checked against.
+The references are written from the paper (Carbonnelle & De Vleeschouwer, 2019: Algorithm 1,
+Eq. 1, App. A.2) in float64 numpy, one layer at a time, without importing ``optax_layca``:
+they are the independent reference the library is checked against.
 """
 
 from __future__ import annotations
@@ -80,16 +80,34 @@ def natural(paths):
 # ----------------------------------------------------------------------------- numpy MLP
 
 
-def init_mlp(sizes, seed=0, dtype=np.float32):
-    """Params ``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}`` (Flax layout)."""
+def init_mlp(sizes, seed=0, dtype=np.float32, bias_scale=0.1):
+    """Params ``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}`` (Flax layout, LeCun
+    normal kernels, ``bias_scale``-normal biases), numpy arrays of ``dtype``.
+
+    The one MLP builder of the tests: every file takes its params from here.
+    """
     rng = np.random.default_rng(seed)
     params = {}
     for i, (m, n) in enumerate(itertools.pairwise(sizes)):
         params[f"Dense_{i}"] = {
             "kernel": (rng.standard_normal((m, n)) / np.sqrt(m)).astype(dtype),
-            "bias": (0.1 * rng.standard_normal(n)).astype(dtype),
+            "bias": (bias_scale * rng.standard_normal(n)).astype(dtype),
         }
     return params
+
+
+def mlp_apply(params, x, activation=None):
+    """Forward pass of :func:`init_mlp` params (jax): ``activation`` (tanh) between layers."""
+    import jax.numpy as jnp
+
+    act = jnp.tanh if activation is None else activation
+    h = x
+    n = len(params)
+    for i in range(n):
+        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+        if i < n - 1:
+            h = act(h)
+    return h
 
 
 def mlp_data(sizes, n=32, seed=1):
@@ -127,22 +145,50 @@ def mlp_grad_np(params, x, y):
 
 
 def mlp_loss_jax(params, x, y):
+    """:func:`mlp_loss_np` in jax."""
     import jax.numpy as jnp
 
-    h = x
-    n = len(params)
-    for i in range(n):
-        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-        if i < n - 1:
-            h = jnp.tanh(h)
-    return 0.5 * jnp.mean(jnp.sum((h - y) ** 2, axis=1))
+    return 0.5 * jnp.mean(jnp.sum((mlp_apply(params, x) - y) ** 2, axis=1))
+
+
+def mlp_xent_jax(params, x, labels, activation=None):
+    """Softmax cross-entropy of the MLP's logits against integer ``labels`` (jax)."""
+    import jax.numpy as jnp
+    import optax
+
+    logits = mlp_apply(params, x, activation).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def mlp_class_data(sizes, n=16, seed=1):
+    """``(x float32 (n, d), integer labels (n,))`` for :func:`mlp_xent_jax`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    return x, rng.integers(0, sizes[-1], n)
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def subtree(tree, keep):
+    """The nested-dict ``tree`` restricted to the leaves whose path is in ``keep``."""
+    out = {}
+    for path, x in jtu.tree_flatten_with_path(tree)[0]:
+        key = keystr(path)
+        if key in keep:
+            *parents, leaf = key.split("/")
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = x
+    return out
 
 
 # ----------------------------------------------------------------------------- Eq. 1
 
 
 def eq1_multiplier(alpha: float, l: int, L: int) -> float:
-    """Seed 000, Eq. 1, written out (L = 1: multiplier 1)."""
+    """Carbonnelle & De Vleeschouwer (2019), Eq. 1, written out (L = 1: multiplier 1)."""
     if L == 1:
         return 1.0
     if alpha > 0:
@@ -189,7 +235,7 @@ class NumpyAdam:
 
 
 def layca_step_np(w, s, w0_norm, rho):
-    """One Layca step of one layer (seed 000, Algorithm 1), float64.
+    """One Layca step of one layer (Carbonnelle & De Vleeschouwer, 2019, Algorithm 1), float64.
 
     ``s`` is the optimizer's step in gradient convention (the update is ``-rho * s``).
     """
@@ -284,6 +330,26 @@ def reference_run(
 
 def to_jax(params):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def nnx_mlp(sizes, names, seed=0):
+    """A flax.nnx MLP (tanh between layers) whose ``nnx.Linear`` layers are the attributes
+    ``names``, in forward order (names that sort against it test the forward order)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            for name, (m, n) in zip(names, itertools.pairwise(sizes)):
+                setattr(self, name, nnx.Linear(m, n, rngs=rngs))
+
+        def __call__(self, x):
+            for i, name in enumerate(names):
+                x = getattr(self, name)(x)
+                x = jnp.tanh(x) if i < len(names) - 1 else x
+            return x
+
+    return MLP(nnx.Rngs(seed))
 
 
 # ----------------------------------------------------------------------------- a small LCA run

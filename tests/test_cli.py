@@ -284,6 +284,7 @@ def test_lca_iters_and_epochs_are_honoured(blobs, tmp_path):
     record = _report.read_json(str(out / "results.json"))
     per_layer = np.asarray(record["per_layer"])
     assert per_layer.shape == (5, len(record["layers"])) and record["identity"]["iterations"] == 5
+    assert record["layers"] == ["Dense_0", "Dense_1"]  # modules (kernel + bias), forward order
     # the allocation adds up to the measured loss change (Lan et al., 2019: RK4 error < 1%)
     np.testing.assert_allclose(per_layer.sum(1), record["loss_change"], atol=1e-3)
     for row in record["error_table"]:  # first order is much worse than RK4 (Table S1)

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import pytest
-from _utils import natural
+from _utils import natural, nnx_mlp
 from flax import nnx
 
 import optax_layca as ol
@@ -30,7 +30,7 @@ def test_path_str_and_nnx_value_key():
 
 
 def test_nnx_init_and_update_paths_agree():
-    model = TinyNnx(nnx.Rngs(0))
+    model = nnx_mlp((3, 4, 2), ("z_in", "a_out"))
     state = nnx.state(model, nnx.Param)  # Variable leaves: paths end in .value
     raw = [p for p, _ in jtu.tree_flatten_with_path(state)[0]]
     assert any(isinstance(k, jtu.GetAttrKey) and k.name == "value" for k in raw[0])
@@ -196,17 +196,8 @@ def test_forward_order_cnn_with_residual_shortcut():
     assert ol.natural_order(order) != order
 
 
-class TinyNnx(nnx.Module):
-    def __init__(self, rngs):
-        self.z_in = nnx.Linear(3, 4, rngs=rngs)
-        self.a_out = nnx.Linear(4, 2, rngs=rngs)
-
-    def __call__(self, x):
-        return self.a_out(nnx.relu(self.z_in(x)))
-
-
 def test_forward_order_nnx():
-    model = TinyNnx(nnx.Rngs(0))
+    model = nnx_mlp((3, 4, 2), ("z_in", "a_out"))
     graphdef, state = nnx.split(model, nnx.Param)
     x = jnp.ones((1, 3))
     order = ol.forward_order(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
@@ -290,7 +281,7 @@ def test_forward_order_is_layer_and_errors():
     apply = lambda p, x: x @ p["b"] @ p["a"]
     assert ol.forward_order(apply, params, jnp.ones((1, 2))) == ("b", "a")
     assert ol.forward_order(apply, params, jnp.ones((1, 2)), is_layer=["a"]) == ("a",)
-    with pytest.raises(ValueError, match="no layer found"):
+    with pytest.raises(ValueError, match="No layer found"):
         ol.forward_order(lambda p, x: x, {"bias": jnp.ones(2)}, jnp.ones(2))
 
 

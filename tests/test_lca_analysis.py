@@ -195,6 +195,16 @@ def test_error_table_and_figures_on_mlp(tmp_path):
         assert name in oplot._lca.__all__
     with pytest.raises(ValueError, match="not a parameter leaf"):
         oplot.lca_heatmap_figure(h, "nope")
+    # Each figure takes what the matching analysis returns, and draws the same thing.
+    bars = lambda fig: [p.get_height() for p in fig.axes[0].patches]
+    assert bars(oplot.lca_per_layer_figure(cum)) == bars(figs[0])
+    np.testing.assert_allclose(bars(figs[0]), [cum[n][-1] for n in h.layer_names])
+    area = lambda fig: [c.get_paths()[0].vertices.sum() for c in fig.axes[0].collections]
+    np.testing.assert_allclose(area(oplot.helping_fraction_figure(f_layer)), area(figs[1]))
+    # Raster rows are labelled with their layer (and class).
+    per_class = [t.get_text() for t in figs[4].axes[0].get_yticklabels()]
+    assert per_class == [f"class {c}: layer {j}" for c in range(3) for j in range(2)]
+    assert [t.get_text() for t in figs[5].axes[0].get_yticklabels()] == list(h.layer_names)
     import matplotlib.pyplot as plt
 
     plt.close("all")

@@ -69,6 +69,7 @@ def stored_iterations(directory: Path) -> int:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kills", [3])
 def test_sigkill_mid_run_then_resume(tmp_path, kills):
     reference = tmp_path / "reference.npy"

@@ -45,10 +45,6 @@ def require_per_param(h: LCAHistory, what: str) -> dict[str, np.ndarray]:
     return h.per_param
 
 
-# Private aliases kept for `optax_layca.plot._lca`, which imports them (to be renamed there).
-_history = as_history
-_per_param = require_per_param
-
 
 def _check_level(level: str) -> None:
     if level not in LEVELS:
@@ -62,6 +58,7 @@ class HelpingFractions(NamedTuple):
       helping, hurting, zero: ``[T]`` over all parameters.
       layer_names: the ``M`` modules (or ``K`` leaves with ``level="leaf"``).
       layer_helping, layer_hurting, layer_zero: ``[T, M]`` within each module (leaf).
+      iterations: ``[T]`` the training iteration of each row.
     """
 
     helping: np.ndarray
@@ -71,6 +68,7 @@ class HelpingFractions(NamedTuple):
     layer_helping: np.ndarray
     layer_hurting: np.ndarray
     layer_zero: np.ndarray
+    iterations: np.ndarray
 
 
 def helping_fraction(
@@ -118,6 +116,7 @@ def helping_fraction(
         layer_helping=arr["help"] / arr["n"],
         layer_hurting=arr["hurt"] / arr["n"],
         layer_zero=arr["zero"] / arr["n"],
+        iterations=h._iters(),
     )
 
 

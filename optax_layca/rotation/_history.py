@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,12 @@ from ._angles import cosine_distance_of_angle, layer_angle_kept
 from ._monitor import FIGURES, find_monitor_state
 
 
-def _figures_of(obj: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """(figures ``{name: {path: array}}``, initial layers or None) from a state or a dict."""
+def _figures_of(obj: Any) -> tuple[dict[str, dict[str, Any]], Any]:
+    """(figures ``{name: {path: array}}``, the monitor state or None) from a state or a dict."""
     obj = unwrap_variables(obj)
     mon = find_monitor_state(obj)
     if mon is not None:
-        return {name: dict(getattr(mon, name)) for name in FIGURES}, dict(mon.initial_layers)
+        return {name: dict(getattr(mon, name)) for name in FIGURES}, mon
     if isinstance(obj, Mapping) and obj and all(isinstance(v, Mapping) for v in obj.values()):
         return {str(k): dict(v) for k, v in obj.items()}, None
     raise ValueError(
@@ -73,6 +74,11 @@ class RotationHistory:
     the same points, record every step without ``epoch=`` under
     ``every=lambda step: (step - 1) % steps_per_epoch == 0`` and plot
     ``x = 1 + (steps - 1) // steps_per_epoch`` (see ``docs/fidelity.md``).
+
+    Layers whose norm was zero at init (a zero-initialised head or residual branch: their
+    figures are 0 by convention, and under Layca or AdaptCopy they never train) are listed in
+    :attr:`frozen_layers`, read once at the first record of a monitor state, which then warns
+    (``RuntimeWarning``).
 
     Args:
       every: record schedule, an int ``k > 0`` or ``callable(step) -> bool``.
@@ -128,6 +134,7 @@ class RotationHistory:
         self._epoch_host = np.zeros((0, 0), np.float32)
         self._epoch_ref: dict[str, jax.Array] | None = None
         self._epoch_shapes: dict[str, tuple[int, ...]] = {}
+        self._frozen: tuple[str, ...] | None = None
 
     # -- recording
 
@@ -162,7 +169,10 @@ class RotationHistory:
             raise TypeError(f"`RotationHistory.record(step=...)` must be an int; got {step!r}.")
         if epoch is None and not self.should_record(step):
             return False
-        figures, initial = _figures_of(opt_state_or_figures)
+        figures, monitor = _figures_of(opt_state_or_figures)
+        initial = None if monitor is None else dict(monitor.initial_layers)
+        if monitor is not None and self._frozen is None:
+            self._check_frozen(monitor.zero_initial_layer_norm)
         if extra:
             figures.update({str(k): dict(v) for k, v in extra.items()})
         names = tuple(figures)
@@ -198,6 +208,25 @@ class RotationHistory:
         if epoch is not None and params is not None:
             self._record_epoch(int(epoch), unwrap_variables(params), initial)
         return True
+
+    def _check_frozen(self, zero_initial_layer_norm: Mapping[str, Any]) -> None:
+        """Reads the monitor's zero-norm flags once (one small device sync) and warns."""
+        flags = jax.device_get(dict(zero_initial_layer_norm))
+        self._frozen = natural_order(p for p, f in flags.items() if np.any(f))
+        if self._frozen:
+            warnings.warn(
+                f"RotationHistory: layers {list(self._frozen)} had zero norm at init: their "
+                "rotation figures are 0 by convention, and under Layca or AdaptCopy (which "
+                "keep each layer's initial norm) they never train. Initialise them with "
+                "non-zero values or exclude them with `is_layer=`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def frozen_layers(self) -> tuple[str, ...]:
+        """Layers of zero norm at init (see the class docstring); () if none or unknown."""
+        return self._frozen or ()
 
     def _record_epoch(self, epoch: int, params: Any, initial: dict | None) -> None:
         current = {}
@@ -388,6 +417,7 @@ class RotationHistory:
             "names": list(self._names),
             "layers": list(self._layers),
             "shapes": {k: list(v) for k, v in self._shapes.items()},
+            "frozen_layers": list(self.frozen_layers),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -423,6 +453,7 @@ class RotationHistory:
         hist._names = tuple(meta["names"])
         hist._layers = tuple(meta["layers"])
         hist._shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+        hist._frozen = tuple(meta.get("frozen_layers", ()))
         hist._steps = [int(s) for s in data["step"]]
         hist._epochs = [float(e) for e in data["epoch"]]
         rows = len(hist._steps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,14 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .._base import NO_PARAMS_MSG
+from .._base import NO_PARAMS_MSG, check_int
 from .._custom_types import IsLayer, LayerAxis
 from .._layers import (
     Layering,
     LeafLayout,
+    check_same_shapes,
     check_same_structure,
     kept_shape,
     layer_dot,
+    no_layer_error,
+    shape_of,
     squeeze_reduced,
 )
 from ._angles import cosine_distance_of_angle
@@ -49,6 +51,13 @@ class TrackRotationState(NamedTuple):
       weight_norm: norm of the parameters after the last update (``‖w⁰‖`` at init).
       update_norm: norm of the final update.
       tracked_state: state of the wrapped transform (``optax.EmptyState()`` when none).
+      zero_initial_layer_norm: ``{layer path: bool}``, ``‖w⁰‖ == 0`` (per stacked layer/unit).
+        Such a layer has no direction at init: its cosine distance and step angles are
+        reported as 0 by convention, and under a norm-pinning transform (Layca, AdaptCopy) it
+        never trains. :class:`RotationHistory` lists these layers (``frozen_layers``) and warns.
+
+    The figures are keyed by layer path, not shaped like params, so ``optax.tree.map_params``
+    (e.g. to build sharding specs) does not apply to this state; ``jax.tree.map`` does.
     """
 
     rotation_step: jax.Array
@@ -61,6 +70,7 @@ class TrackRotationState(NamedTuple):
     weight_norm: dict
     update_norm: dict
     tracked_state: Any
+    zero_initial_layer_norm: dict
 
 
 _CANCEL = 1e-3  # one-pass ‖x_⊥‖² below this fraction of ‖x‖²: recompute it explicitly
@@ -118,6 +128,23 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     ab = a * b
     cos_dist = jnp.where(ab > 0, jnp.clip(tangential2 / jnp.where(ab > 0, 2.0 * ab, 1.0), 0, 2), 0)
     return step, cos_dist, jnp.sqrt(gg), b, jnp.sqrt(uu)
+
+
+def check_layers_like_init(layers: list, initial_layers: dict) -> None:
+    """Raises naming the layers that differ (in path or shape) from those seen at ``init``."""
+    known = set(initial_layers)
+    seen = {lo.path for lo, _ in layers}
+    if seen != known:
+        raise ValueError(
+            "`track_rotation`: the layers of params differ from those seen at init. "
+            f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
+        )
+    for lo, x in layers:
+        if shape_of(x) != shape_of(initial_layers[lo.path]):
+            raise ValueError(
+                f"`track_rotation`: layer {lo.path!r} has shape {shape_of(x)}, but "
+                f"{shape_of(initial_layers[lo.path])} at init."
+            )
 
 
 def track_rotation(
@@ -193,9 +220,7 @@ def track_rotation(
     """
     if tx is not None and not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"`track_rotation(tx=...)` must be an optax transformation; got {tx!r}.")
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-        raise ValueError(f"`track_rotation(every=...)` must be an int >= 1; got {every!r}.")
-    every = int(every)
+    every = check_int(every, "track_rotation(every=...)", low=1)
     layering = Layering(is_layer, layer_axis, per_unit)
     inner = tx if tx is not None else optax.identity()
 
@@ -208,45 +233,43 @@ def track_rotation(
 
     def init_fn(params):
         layers = layers_of(params)
-        if not layers:
-            raise ValueError(
-                "`track_rotation`: no layer found in params (default: leaves named "
-                "kernel/embedding/w or with ndim >= 2). Pass `is_layer=` to choose them."
-            )
+        if not layers and jax.tree.leaves(params):
+            raise no_layer_error(params, "track_rotation")
         # fresh buffers per field: a state whose leaves share a buffer cannot be donated
         zeros = lambda: {
             lo.path: jnp.zeros(kept_shape(lo, np.shape(x)), jnp.float32) for lo, x in layers
         }
+        # the figures are float32 whatever the params' dtype (documented), so is ‖w⁰‖
+        norms = {lo.path: jnp.sqrt(layer_dot(x, x, lo)).astype(jnp.float32) for lo, x in layers}
         return TrackRotationState(
             rotation_step=jnp.zeros((), jnp.int32),
             initial_layers={lo.path: jnp.copy(x) for lo, x in layers},
-            initial_layer_norm={lo.path: jnp.sqrt(layer_dot(x, x, lo)) for lo, x in layers},
+            initial_layer_norm=norms,
             cosine_distance=zeros(),
             step_angle=zeros(),
             cumulative_angle=zeros(),
             grad_norm=zeros(),
-            weight_norm={lo.path: squeeze_reduced(jnp.sqrt(layer_dot(x, x, lo)), lo) for lo, x in layers},
+            weight_norm={lo.path: squeeze_reduced(norms[lo.path], lo) for lo, _ in layers},
             update_norm=zeros(),
             tracked_state=inner.init(params),
+            zero_initial_layer_norm={
+                lo.path: squeeze_reduced(norms[lo.path] == 0, lo) for lo, _ in layers
+            },
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
         check_same_structure(updates, params, "updates")
+        check_same_shapes(updates, params, "updates")
+        # checked before the wrapped optimizer runs: its own tree errors name no leaf
+        layers = layers_of(params)
+        check_layers_like_init(layers, state.initial_layers)
         grads = updates
         if isinstance(inner, optax.GradientTransformationExtraArgs):
             updates, inner_state = inner.update(updates, state.tracked_state, params, **extra_args)
         else:
             updates, inner_state = inner.update(updates, state.tracked_state, params)
-        layers = layers_of(params)
-        known = set(state.initial_layers)
-        seen = {lo.path for lo, _ in layers}
-        if seen != known:
-            raise ValueError(
-                "`track_rotation`: the layers of params differ from those seen at init. "
-                f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
-            )
         u_leaves, g_leaves = jax.tree.leaves(updates), jax.tree.leaves(grads)
         layouts = layering.layouts(params)
         w_leaves = jax.tree.leaves(params)
@@ -266,7 +289,7 @@ def track_rotation(
                     state.initial_layers[path],
                     state.initial_layer_norm[path],
                 )
-                sq = functools.partial(squeeze_reduced, lo=lo)
+                sq = lambda x, lo=lo: squeeze_reduced(x, lo).astype(jnp.float32)
                 figs["cosine_distance"][lo.path] = sq(cos_dist)
                 figs["step_angle"][lo.path] = sq(step)
                 figs["cumulative_angle"][lo.path] = state.cumulative_angle[lo.path] + every * sq(
@@ -288,6 +311,7 @@ def track_rotation(
             initial_layers=state.initial_layers,
             initial_layer_norm=state.initial_layer_norm,
             tracked_state=inner_state,
+            zero_initial_layer_norm=state.zero_initial_layer_norm,
             **figs,
         )
         return updates, new_state

@@ -203,8 +203,8 @@ def figure(results: Mapping[str, Any]):
     fig = plt.figure(figsize=(14, 7.5), layout="constrained")
     top, bottom = fig.subfigures(2, 1)
     axes = top.subplots(1, len(runs), sharey=True)
-    for ax, r in zip(axes, runs.values()):
-        plot.helping_stack_figure(r["helping"], r["zero"], r["hurting"], ax=ax)
+    for ax, (key, r) in zip(axes, runs.items()):
+        plot.helping_fraction_figure(results["histories"][key], ax=ax)
         ax.set_title(f"{r['label']} (mean helping {100 * r['helping_mean']:.1f}%)")
         ax.get_legend().remove()
     axes[-1].legend(loc="upper right", fontsize=7)
