@@ -28,6 +28,7 @@ on) and the rotation figures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -61,6 +62,8 @@ class TrainConfig:
     Attributes:
       dataset, model: names for :func:`~optax_layca.data.load_dataset` and
         :func:`~optax_layca.models.get_model` (or a ``.npz`` path for ``dataset``).
+      model_options: keyword arguments of the model, as ``((name, value), ...)`` (hashable,
+        recorded with the results), e.g. ``(("depth", 11),)`` for an eleven-layer ``"deep"``.
       epochs, batch_size, seed: training length, minibatch size, seed of the initialisation,
         of the data split and of the batch order.
       num_train, num_test: keep only the first examples (quick runs); None keeps all.
@@ -74,6 +77,7 @@ class TrainConfig:
 
     dataset: str = "mnist1d"
     model: str = "deep"
+    model_options: tuple[tuple[str, Any], ...] = ()
     epochs: int = 40
     batch_size: int = 32
     seed: int = 0
@@ -138,7 +142,7 @@ def setup(config: TrainConfig) -> Task:
     if config.num_train or config.num_test:
         data = data.subset(config.num_train, config.num_test)
     data, x_val, y_val = _hold_out(data, config.validation, config.seed)
-    model = get_model(config.model, num_classes=data.num_classes)
+    model = get_model(config.model, num_classes=data.num_classes, **dict(config.model_options))
     params0 = init_params(model, data.input_shape, config.seed)
     apply = apply_fn(model)
     order = forward_order(apply, params0, jnp.zeros((1, *data.input_shape), jnp.float32))
@@ -379,6 +383,14 @@ def _take(tree: Any, c: int) -> Any:
     return _jax().tree.map(lambda a: a[c], tree)
 
 
+@functools.cache
+def _take_on_device():
+    """``(tree, c) -> tree[c]`` jitted: one dispatch for a whole device tree (leaf by leaf,
+    a state of hundreds of leaves costs hundreds of dispatches per run)."""
+    jax = _jax()
+    return jax.jit(lambda tree, c: jax.tree.map(lambda a: a[c], tree))
+
+
 def _jax():
     import jax
 
@@ -530,7 +542,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _train_group(
-    trainer: _GroupTrainer, *, progress: bool, on_step: Callable[[Run, int, Any], None] | None
+    trainer: _GroupTrainer,
+    *,
+    progress: bool,
+    on_step: Callable[[Run, int, Any], None] | None,
+    on_epoch: Callable[[Run, int, Any, Any], None] | None = None,
 ) -> None:
     from ..data import epoch_batches
 
@@ -551,6 +567,11 @@ def _train_group(
                 if trainer.done():
                     break
             trainer.end_epoch(epoch)
+            if on_epoch is not None:
+                take = _take_on_device()
+                for c in trainer.alive():
+                    params, state = take((trainer.params, trainer.states), c)
+                    on_epoch(trainer.group.runs[c], epoch, params, state)
             bar.update(1)
             bar.set_postfix(loss=f"{np.nanmean(losses):.3f}")
             if trainer.done():
@@ -563,6 +584,7 @@ def train(
     *,
     progress: bool = True,
     on_step: Callable[[Run, int, Any], None] | None = None,
+    on_epoch: Callable[[Run, int, Any, Any], None] | None = None,
     max_steps: int | None = None,
 ) -> dict[str, RunResult]:
     """Trains every run of every group from ``task.params0``; returns ``{run key: result}``.
@@ -573,6 +595,10 @@ def train(
       progress: a tqdm bar per group on stderr.
       on_step: ``on_step(run, step, params)`` after every step of every live run (switches to
         one jitted step per call).
+      on_epoch: ``on_epoch(run, epoch, params, opt_state)`` after every epoch of every live
+        run, with that run's parameters and optimizer state (the ``track_rotation`` state
+        wrapping its optimizer's), e.g. to read Adam's ``ν`` or probe the network; epochs stay
+        one jitted call each.
       max_steps: stop every group after this many steps (the epoch in progress is closed with
         its records, at that step).
     """
@@ -589,7 +615,7 @@ def train(
     for group in groups:
         t0 = time.perf_counter()
         trainer = _GroupTrainer(task, group, evaluators, on_step is not None, max_steps)
-        _train_group(trainer, progress=progress, on_step=on_step)
+        _train_group(trainer, progress=progress, on_step=on_step, on_epoch=on_epoch)
         for res in trainer.results(time.perf_counter() - t0):
             out[res.run.key] = res
     return out

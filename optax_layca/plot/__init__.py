@@ -4,6 +4,7 @@ Every function takes the measurement it needs (a live object or a loaded file), 
 ``ax=`` and returns a ``matplotlib.figure.Figure``; none calls ``plt.show()``.
 """
 
-from ._lca import *  # noqa: F403  (each module lists its figures in __all__)
+from ._experiments import *  # noqa: F403  (each module lists its figures in __all__)
+from ._lca import *  # noqa: F403
 from ._rotation import *  # noqa: F403
 from ._training import *  # noqa: F403

@@ -141,6 +141,8 @@ def registry() -> dict[str, Experiment]:
         _weight_decay,  # noqa: F401
     )
     from . import _lars  # noqa: F401  # isort: skip
+    from . import _one_layer  # noqa: F401  # isort: skip
+    from . import _adaptive  # noqa: F401  # isort: skip
 
     return dict(_REGISTRY)
 

@@ -41,13 +41,26 @@ __all__ = [
 TREND = 0.5  # |Spearman r| that decides a trend
 
 
-def train_runs(name: str, config: ExperimentConfig, train_config: Any, groups: Sequence[Any]):
-    """Sets up the task, trains ``groups`` with the one training loop; returns ``(task,
-    {run key: RunResult}, identity)``."""
+def train_runs(
+    name: str,
+    config: ExperimentConfig,
+    train_config: Any,
+    groups: Sequence[Any],
+    *,
+    task: Any = None,
+    **kwargs: Any,
+):
+    """Sets up the task (unless ``task``, set up from ``train_config``, is given), trains
+    ``groups`` with the one training loop (``kwargs``, e.g. ``on_epoch=``, go to
+    :func:`~optax_layca.app._train.train`); returns ``(task, {run key: RunResult},
+    identity)``."""
     from .. import _report, _train
 
-    task = _train.setup(train_config)
-    results = _train.train(task, groups, progress=config.progress)
+    if task is None:
+        task = _train.setup(train_config)
+    elif task.config != train_config:
+        raise ValueError("`train_runs(task=...)` was set up from another configuration.")
+    results = _train.train(task, groups, progress=config.progress, **kwargs)
     identity = _report.run_identity(
         "reproduce", train_config, task, experiment=name, quick=config.quick
     )
