@@ -143,6 +143,7 @@ def registry() -> dict[str, Experiment]:
     from . import _lars  # noqa: F401  # isort: skip
     from . import _one_layer  # noqa: F401  # isort: skip
     from . import _adaptive  # noqa: F401  # isort: skip
+    from . import _warmup  # noqa: F401  # isort: skip
 
     return dict(_REGISTRY)
 
