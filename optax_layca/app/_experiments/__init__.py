@@ -144,6 +144,7 @@ def registry() -> dict[str, Experiment]:
     from . import _one_layer  # noqa: F401  # isort: skip
     from . import _adaptive  # noqa: F401  # isort: skip
     from . import _warmup  # noqa: F401  # isort: skip
+    from . import _adapt_copy  # noqa: F401  # isort: skip
 
     return dict(_REGISTRY)
 
