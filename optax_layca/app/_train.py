@@ -62,8 +62,6 @@ class TrainConfig:
     Attributes:
       dataset, model: names for :func:`~optax_layca.data.load_dataset` and
         :func:`~optax_layca.models.get_model` (or a ``.npz`` path for ``dataset``).
-      model_options: keyword arguments of the model, as ``((name, value), ...)`` (hashable,
-        recorded with the results), e.g. ``(("depth", 11),)`` for an eleven-layer ``"deep"``.
       epochs, batch_size, seed: training length, minibatch size, seed of the initialisation,
         of the data split and of the batch order.
       num_train, num_test: keep only the first examples (quick runs); None keeps all.
@@ -77,7 +75,6 @@ class TrainConfig:
 
     dataset: str = "mnist1d"
     model: str = "deep"
-    model_options: tuple[tuple[str, Any], ...] = ()
     epochs: int = 40
     batch_size: int = 32
     seed: int = 0
@@ -142,7 +139,7 @@ def setup(config: TrainConfig) -> Task:
     if config.num_train or config.num_test:
         data = data.subset(config.num_train, config.num_test)
     data, x_val, y_val = _hold_out(data, config.validation, config.seed)
-    model = get_model(config.model, num_classes=data.num_classes, **dict(config.model_options))
+    model = get_model(config.model, num_classes=data.num_classes)
     params0 = init_params(model, data.input_shape, config.seed)
     apply = apply_fn(model)
     order = forward_order(apply, params0, jnp.zeros((1, *data.input_shape), jnp.float32))

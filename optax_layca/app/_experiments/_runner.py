@@ -85,8 +85,6 @@ def report_section(exp: Experiment, record: dict[str, Any]) -> str:
     ident = record["identity"]
     cfg, ds = ident["config"], ident["dataset"]
     mode = "quick" if ident.get("quick") else "default"
-    options = ", ".join(f"{k}={v}" for k, v in cfg.get("model_options") or ())
-    model = f"{cfg['model']}({options})" if options else cfg["model"]
     lines = [
         f"## `{exp.name}`: {exp.reference.cite()}",
         "",
@@ -101,7 +99,7 @@ def report_section(exp: Experiment, record: dict[str, Any]) -> str:
         (
             f"**This run.** `optax-layca reproduce {exp.name}` ({mode} configuration): "
             f"{ds['name']} ({ds['train']} train / {ds['test']} test, fingerprint "
-            f"`{ds['fingerprint'][:12]}`), model `{model}`, {cfg['epochs']} epochs, "
+            f"`{ds['fingerprint'][:12]}`), model `{cfg['model']}`, {cfg['epochs']} epochs, "
             f"batch size {cfg['batch_size']}, seed {ident['seed']}, optax_layca "
             f"{ident['versions']['optax_layca']}, {record['timings']['total_s']:.0f} s."
         ),
