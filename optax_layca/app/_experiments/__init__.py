@@ -60,6 +60,7 @@ How to add an experiment
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -133,20 +134,26 @@ def register(experiment: Experiment) -> Experiment:
     return experiment
 
 
-def registry() -> dict[str, Experiment]:
-    """Every experiment, by name, in the order of the paper (imports their modules once)."""
-    # in the paper's order; importing a module registers its experiment
-    from . import (
-        _rotation_grid,  # noqa: F401
-        _weight_decay,  # noqa: F401
-    )
-    from . import _lars  # noqa: F401  # isort: skip
-    from . import _one_layer  # noqa: F401  # isort: skip
-    from . import _adaptive  # noqa: F401  # isort: skip
-    from . import _warmup  # noqa: F401  # isort: skip
-    from . import _adapt_copy  # noqa: F401  # isort: skip
+def _paper_order(exp: Experiment) -> tuple:
+    """Experiments sort by paper (authors, year, title), then by their first figure number."""
+    ref = exp.reference
+    fig = re.search(r"Fig\. (\d+)", ref.where)
+    return ref.authors, ref.year, ref.title, int(fig[1]) if fig else 10**6, exp.name
 
-    return dict(_REGISTRY)
+
+def registry() -> dict[str, Experiment]:
+    """Every experiment, by name, in the papers' order (imports their modules once)."""
+    from . import (  # noqa: F401  (importing registers)
+        _adapt_copy,
+        _adaptive,
+        _lars,
+        _one_layer,
+        _rotation_grid,
+        _warmup,
+        _weight_decay,
+    )
+
+    return {e.name: e for e in sorted(_REGISTRY.values(), key=_paper_order)}
 
 
 def get(name: str) -> Experiment:

@@ -10,7 +10,9 @@ Verdict rules are fixed in advance and stated where they are used:
   observation: a claim "A > B" agrees when it holds for every layer, does not reproduce when
   the opposite holds for every layer, and is inconclusive otherwise;
 * a trend ("the higher ρ(0), the higher ...") uses Spearman's rank correlation ``r`` over the
-  runs: ``r ≥ 0.5`` agrees, ``r ≤ -0.5`` does not reproduce, in between inconclusive.
+  runs: ``r ≥ 0.5`` agrees, ``r ≤ -0.5`` does not reproduce, in between inconclusive. With
+  fewer than 4 runs it is inconclusive: even a perfect ordering of 3 runs happens by chance
+  with probability 1/6, of 4 runs 1/24 < 0.05.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
 ]
 
 TREND = 0.5  # |Spearman r| that decides a trend
+MIN_TREND_RUNS = 4  # fewer: a perfect ordering is not unlikely by chance (1/3! = 0.17)
 
 
 def train_runs(
@@ -145,15 +148,16 @@ def compare_layers(a: Sequence[float], b: Sequence[float], claim: str = "greater
 
 
 def rank_trend(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation of ``y`` with ``x`` over the finite pairs (NaN if < 3).
+    """Spearman's rank correlation of ``y`` with ``x`` over the finite pairs (NaN if fewer
+    than :data:`MIN_TREND_RUNS`).
 
     Examples:
-      >>> rank_trend([1, 2, 3, 4], [10, 20, 15, 40])
-      0.8
+      >>> rank_trend([1, 2, 3, 4], [10, 20, 15, 40]), rank_trend([1, 2, 3], [1, 2, 3])
+      (0.8, nan)
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3:
+    if keep.sum() < MIN_TREND_RUNS:
         return math.nan
     rx, ry = (np.argsort(np.argsort(v[keep])).astype(float) for v in (x, y))
     rx, ry = rx - rx.mean(), ry - ry.mean()
