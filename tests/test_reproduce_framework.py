@@ -14,11 +14,14 @@ from optax_layca.app import _experiments, _report
 from optax_layca.app._experiments import _common, _runner
 
 SEED_000 = glob.glob("/work/shared/seeds/000_*.txt")
+SEED_002 = glob.glob("/work/shared/seeds/002_*.txt")  # the extended version
+EXPERIMENTS = ["one-layer-at-a-time", "rotation-grid", "weight-decay", "adaptive", "lars",
+               "warmup", "adapt-copy", "features"]  # first paper by figure, then the extended
 
 
 def test_registry_lists_the_papers_experiments_in_order():
     reg = _experiments.registry()
-    assert list(reg) == ["rotation-grid", "weight-decay", "lars"]
+    assert list(reg) == EXPERIMENTS
     for exp in reg.values():
         ref = exp.reference
         assert ref.authors == "Carbonnelle & De Vleeschouwer" and ref.year == 2019
@@ -27,19 +30,23 @@ def test_registry_lists_the_papers_experiments_in_order():
                                                 if callable(getattr(exp, f))}
 
 
-@pytest.mark.skipif(not SEED_000, reason="the paper's text is not on this machine")
+@pytest.mark.skipif(not (SEED_000 and SEED_002), reason="the papers' text is not on this machine")
 def test_claims_are_quotes_of_the_paper():
-    """Every fragment of a claim (between "[...]") appears word for word in the paper."""
+    """Every fragment of a claim (between "[...]") appears word for word in its paper."""
     words = lambda t: " ".join(re.sub(r"[^a-z0-9%]+", " ", t.lower()).split())
-    with open(SEED_000[0], encoding="utf-8") as f:
-        paper = words(f.read())
+    papers = {}
+    for key, files in (("first", SEED_000), ("extended", SEED_002)):
+        with open(files[0], encoding="utf-8") as f:
+            papers[key] = words(f.read())
+    first = _experiments.Reference("", 0, "").title  # the default title: the first paper
     for exp in _experiments.registry().values():
+        paper = papers["first" if exp.reference.title == first else "extended"]
         for fragment in exp.claim.split("[...]"):
             assert words(fragment) in paper, (exp.name, fragment)
 
 
 def test_unknown_experiment_names_the_valid_ones():
-    with pytest.raises(KeyError, match="choose from rotation-grid, weight-decay, lars"):
+    with pytest.raises(KeyError, match="choose from " + ", ".join(EXPERIMENTS)):
         _experiments.get("nope")
 
 

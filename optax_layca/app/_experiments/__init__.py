@@ -146,6 +146,7 @@ def registry() -> dict[str, Experiment]:
     from . import (  # noqa: F401  (importing registers)
         _adapt_copy,
         _adaptive,
+        _features,
         _lars,
         _one_layer,
         _rotation_grid,

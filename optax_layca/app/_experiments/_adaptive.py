@@ -435,8 +435,8 @@ CLAIM = (
     "configurations. [...] Figure 6 confirms this hypothesis by showing that the training and "
     "test curves of adaptive methods become indistinguishable from their non-adaptive "
     "equivalents when Layca is used to enforce a fixed layer rotation rate configuration. "
-    "[App. A.5, Fig. 11:] The conclusion is clear: the estimates indeed vary much more across "
-    "layers than inside layers."
+    "[...] The conclusion is clear: the estimates indeed vary much more across layers than "
+    "inside layers."
 )
 
 register(

@@ -303,7 +303,7 @@ CLAIM = (
     "11 layer MLP network, although always reaching 100% train accuracy, results in different "
     "test accuracies depending on the layer's localisation in the network's architecture. [...] "
     "In this specific example, the test accuracy mostly degrades with the depth of the trained "
-    "layer, with a final difference of nearly 20%. [App. A.1, Fig. 7:] the figure shows that "
+    "layer, with a final difference of nearly 20%. [...] the figure shows that "
     "even when only the first layer is trained, the feedback it receives gets more correlated "
     "with the classes/targets through training."
 )
