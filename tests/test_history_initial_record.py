@@ -20,7 +20,7 @@ def _histories(steps=6, every=2):
     with_init, without = RotationHistory(every=every), RotationHistory(every=every)
     with_init.record(0, state)
     for t in range(1, steps + 1):
-        grads = jax.tree.map(lambda w: jnp.cos(t * jnp.arange(w.size).reshape(w.shape)), params)
+        grads = jax.tree.map(lambda w, t=t: jnp.cos(t * jnp.arange(w.size).reshape(w.shape)), params)
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         for h in (with_init, without):

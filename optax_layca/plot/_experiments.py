@@ -53,7 +53,9 @@ def layer_accuracy_figure(
     colors = depth_colors(v.shape[1])
     finite = np.isfinite(v)
     counts = finite.sum(axis=0)
-    mean = np.where(counts > 0, np.where(finite, v, 0.0).sum(axis=0) / np.maximum(counts, 1), np.nan)
+    mean = np.where(
+        counts > 0, np.where(finite, v, 0.0).sum(axis=0) / np.maximum(counts, 1), np.nan
+    )
     if v.shape[0] > 1:
         for row in v:
             axis.scatter(layers, row, c=colors, s=12, alpha=0.35, linewidths=0)

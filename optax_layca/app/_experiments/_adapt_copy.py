@@ -30,8 +30,15 @@ from . import (
     register,
 )
 from ._adaptive import OPTIMIZERS, curve_gap, gap_status
-from ._common import combine, compare_accuracies, history_curves, panels, run_summary, selected
-from ._common import train_runs
+from ._common import (
+    combine,
+    compare_accuracies,
+    history_curves,
+    panels,
+    run_summary,
+    selected,
+    train_runs,
+)
 from ._switch import METHOD, switched
 
 __all__ = ["figure", "rotation_gap", "run", "verdict"]
@@ -61,8 +68,11 @@ def _grid_group(grids: Mapping[str, Sequence[int]]):
         for i, n in enumerate(names)
         for k in grids[n]
     )
-    return Group(f"Adam and SGD_AMom ({len(runs)} runs, vmapped)",
-                 switched([OPTIMIZERS[n] for n in names]), runs)
+    return Group(
+        f"Adam and SGD_AMom ({len(runs)} runs, vmapped)",
+        switched([OPTIMIZERS[n] for n in names]),
+        runs,
+    )
 
 
 def _copy_group(history: Any):
@@ -82,8 +92,9 @@ def _copy_group(history: Any):
     runs = tuple(
         Run(f"copy_{t}", LABELS[f"copy_{t}"], {METHOD: float(i)}) for i, t in enumerate(TARGETS)
     )
-    return Group("AdaptCopy of Adam (2 targets, vmapped)", switched([copier(t) for t in TARGETS]),
-                 runs)
+    return Group(
+        "AdaptCopy of Adam (2 targets, vmapped)", switched([copier(t) for t in TARGETS]), runs
+    )
 
 
 def _train_config(config: ExperimentConfig):
@@ -109,8 +120,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     task, res, identity = train_runs(NAME, config, tc, [_grid_group(grids)])
     runs = {key: run_summary(r, task.order) for key, r in res.items()}
     chosen = {n: selected(runs, [f"{n}_k{k}" for k in grids[n]]) for n in grids}
-    _, copies, _ = train_runs(NAME, config, tc, [_copy_group(res[chosen["adam"]].history)],
-                              task=task)
+    _, copies, _ = train_runs(
+        NAME, config, tc, [_copy_group(res[chosen["adam"]].history)], task=task
+    )
     res.update(copies)
     runs.update({key: run_summary(r, task.order) for key, r in copies.items()})
     shown = [chosen["adam"], "copy_step_angle", "copy_cosine_distance", chosen["sgd_amom"]]
@@ -126,7 +138,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "early_epoch": max(1, math.ceil(EARLY * tc.epochs)),
         "steps_per_epoch": spe,
         "layer_order": list(task.order),
-        "curves": {k: history_curves(res[k].history, task.order, steps_per_epoch=spe) for k in shown},
+        "curves": {
+            k: history_curves(res[k].history, task.order, steps_per_epoch=spe) for k in shown
+        },
         "histories": {k: res[k].history for k in shown},
         "table": _table(runs, shown),
     }
@@ -135,9 +149,16 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 def _table(runs, shown) -> str:
     from .._report import md_table
 
-    rows = [[runs[k]["label"], f"{runs[k]['final']['train_acc']:.3f}",
-             f"{runs[k]['final']['test_acc']:.3f}", f"{runs[k]['final']['cos_min']:.3f}",
-             f"{runs[k]['final']['cos_max']:.3f}"] for k in shown]
+    rows = [
+        [
+            runs[k]["label"],
+            f"{runs[k]['final']['train_acc']:.3f}",
+            f"{runs[k]['final']['test_acc']:.3f}",
+            f"{runs[k]['final']['cos_min']:.3f}",
+            f"{runs[k]['final']['cos_max']:.3f}",
+        ]
+        for k in shown
+    ]
     return md_table(["run", "train acc", "test acc", "cos dist min", "cos dist max"], rows)
 
 
@@ -158,8 +179,12 @@ def figure(results: Mapping[str, Any]):
     axes = panels(top, len(shown))
     plot.rotation_curves_figure(
         {runs[k]["label"]: results["histories"][k] for k in shown},
-        ax=axes, x="epoch", steps_per_epoch=results["steps_per_epoch"],
-        layer_order=results["layer_order"], legend=False, colorbar=True,
+        ax=axes,
+        x="epoch",
+        steps_per_epoch=results["steps_per_epoch"],
+        layer_order=results["layer_order"],
+        legend=False,
+        colorbar=True,
     )
     ref = runs[shown[0]]["final"]["test_acc"]
     for ax, k in zip(axes, shown):
@@ -170,7 +195,8 @@ def figure(results: Mapping[str, Any]):
     for ax, what in ((left, "train_acc"), (right, "test_acc")):
         plot.training_curves_figure(
             {runs[k]["label"]: (runs[k]["eval_epochs"], runs[k][what]) for k in shown},
-            ax=ax, ylabel="training accuracy" if what == "train_acc" else "test accuracy",
+            ax=ax,
+            ylabel="training accuracy" if what == "train_acc" else "test accuracy",
             colors=["C3", "C0", "C9", "C7"],
         )
     tidy(bottom, [left, right], "Fig. 7 (extended version): training curves")
@@ -194,7 +220,11 @@ def rotation_gap(results: Mapping[str, Any], key: str, ref: str) -> float:
 def _curve_status(gap: float) -> str:
     if not math.isfinite(gap):
         return INCONCLUSIVE
-    return AGREES if gap <= SAME_CURVES else (NOT_REPRODUCED if gap > DIFFERENT_CURVES else INCONCLUSIVE)
+    return (
+        AGREES
+        if gap <= SAME_CURVES
+        else (NOT_REPRODUCED if gap > DIFFERENT_CURVES else INCONCLUSIVE)
+    )
 
 
 def _acc_at(run: Mapping[str, Any], epoch: int) -> float:

@@ -59,8 +59,13 @@ NAME = "adaptive"
 # Layca's ρ(0) per direction: the authors' (``get_optimized_training_schedule``): 3^-5 on the
 # momentum directions (Adam, SGD_AMom), whose consistent steps rotate a layer further for the
 # same per-step angle, 3^-3 on the others; each pair of Fig. 6 shares its rate
-LAYCA_RHO = {"sgd": 3.0**-3, "rmsprop": 3.0**-3, "adagrad": 3.0**-3, "adam": 3.0**-5,
-             "sgd_amom": 3.0**-5}
+LAYCA_RHO = {
+    "sgd": 3.0**-3,
+    "rmsprop": 3.0**-3,
+    "adagrad": 3.0**-3,
+    "adam": 3.0**-5,
+    "sgd_amom": 3.0**-5,
+}
 # learning-rate grids (3^k) per method, default and quick
 GRIDS = {
     "sgd": (-3, -2, -1, 0),
@@ -184,15 +189,24 @@ def _groups(grids: Mapping[str, Sequence[int]]):
         for k in grids[n]
     )
     with_layca = tuple(
-        Run(layca_key(n), f"{LABELS[n]} + Layca (ρ(0) 3^{round(math.log(LAYCA_RHO[n], 3))})",
-            {METHOD: float(i), "rho": LAYCA_RHO[n], "alpha": 0.0})
+        Run(
+            layca_key(n),
+            f"{LABELS[n]} + Layca (ρ(0) 3^{round(math.log(LAYCA_RHO[n], 3))})",
+            {METHOD: float(i), "rho": LAYCA_RHO[n], "alpha": 0.0},
+        )
         for i, n in enumerate(WITH_LAYCA)
     )
     return [
-        Group(f"SGD, Adam, RMSprop, Adagrad ({len(plain)} runs, vmapped)", switched(
-            [OPTIMIZERS[n] for n in PLAIN]), plain),
-        Group(f"Layca on 5 directions ({len(with_layca)} runs, vmapped)", layca_on(WITH_LAYCA),
-              with_layca),
+        Group(
+            f"SGD, Adam, RMSprop, Adagrad ({len(plain)} runs, vmapped)",
+            switched([OPTIMIZERS[n] for n in PLAIN]),
+            plain,
+        ),
+        Group(
+            f"Layca on 5 directions ({len(with_layca)} runs, vmapped)",
+            layca_on(WITH_LAYCA),
+            with_layca,
+        ),
     ]
 
 
@@ -234,8 +248,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     grids = QUICK_GRIDS if config.quick else GRIDS
     tc = _train_config(config)
     moment_epochs = sorted({1, max(1, tc.epochs // 3), tc.epochs})
-    probe = MomentProbe([plain_key("adam", k) for k in grids["adam"]], PLAIN.index("adam"),
-                        moment_epochs)
+    probe = MomentProbe(
+        [plain_key("adam", k) for k in grids["adam"]], PLAIN.index("adam"), moment_epochs
+    )
     task, res, identity = train_runs(NAME, config, tc, _groups(grids), on_epoch=probe)
     order, spe = task.order, task.steps_per_epoch
     runs = {key: run_summary(r, order) for key, r in res.items()}
@@ -243,7 +258,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     chosen.update({f"{n}+layca": layca_key(n) for n in WITH_LAYCA})
     snaps = probe.snapshots[chosen["adam"]]
     moments = {
-        str(e): {p: np.asarray(v, float).tolist() for p, v in snaps[e].items()} for e in sorted(snaps)
+        str(e): {p: np.asarray(v, float).tolist() for p, v in snaps[e].items()}
+        for e in sorted(snaps)
     }
     shown = set(chosen.values())
     return {
@@ -266,13 +282,25 @@ def _table(runs, chosen) -> str:
     from .._report import md_table
 
     rows = []
-    for role, key in chosen.items():
+    for key in chosen.values():
         f = runs[key]["final"]
-        rows.append([runs[key]["label"], f"{f['train_acc']:.3f}", f"{f['test_acc']:.3f}",
-                     f"{f['cos_min']:.3f}", f"{f['cos_max']:.3f}"])
+        rows.append(
+            [
+                runs[key]["label"],
+                f"{f['train_acc']:.3f}",
+                f"{f['test_acc']:.3f}",
+                f"{f['cos_min']:.3f}",
+                f"{f['cos_max']:.3f}",
+            ]
+        )
     return md_table(
-        ["run (plain methods: lr chosen on validation)", "train acc", "test acc",
-         "cos dist min", "cos dist max"],
+        [
+            "run (plain methods: lr chosen on validation)",
+            "train acc",
+            "test acc",
+            "cos dist min",
+            "cos dist max",
+        ],
         rows,
     )
 
@@ -355,14 +383,16 @@ def figure(results: Mapping[str, Any]):
 
 
 def curve_gap(
-    run_a: Mapping[str, Any], run_b: Mapping[str, Any], what: Sequence[str] = ("train_acc", "test_acc")
+    run_a: Mapping[str, Any],
+    run_b: Mapping[str, Any],
+    what: Sequence[str] = ("train_acc", "test_acc"),
 ) -> float:
     """Largest |accuracy difference| between two runs' curves ``what``, over the evaluations
     after initialisation (NaN if a run diverged)."""
     gaps = []
-    for what in what:
-        a = np.asarray(run_a[what], float)[1:]
-        b = np.asarray(run_b[what], float)[1:]
+    for curve in what:
+        a = np.asarray(run_a[curve], float)[1:]
+        b = np.asarray(run_b[curve], float)[1:]
         gaps.append(np.max(np.abs(a - b)) if a.size and a.size == b.size else math.nan)
     return float(max(gaps))
 
@@ -413,11 +443,15 @@ def verdict(results: Mapping[str, Any]) -> tuple[str, str]:
     text = (
         "(Fig. 5) test accuracy of SGD + Layca "
         f"{ref:.3f} vs "
-        + ", ".join(f"{LABELS[nm]} {_acc(results, chosen[nm]):.3f} ({d:+.3f}, 2·se = {2 * se:.3f}: {s})"
-                    for nm, s, d, se in worse)
+        + ", ".join(
+            f"{LABELS[nm]} {_acc(results, chosen[nm]):.3f} ({d:+.3f}, 2·se = {2 * se:.3f}: {s})"
+            for nm, s, d, se in worse
+        )
         + f": generalise worse, {s_worse}. Final cosine distance first/last layer: "
-        + ", ".join(f"{LABELS[nm]} {cd(chosen[nm])[first]:.2f}/{cd(chosen[nm])[last]:.2f}"
-                    for nm in ("sgd", "adam", "rmsprop", "adagrad"))
+        + ", ".join(
+            f"{LABELS[nm]} {cd(chosen[nm])[first]:.2f}/{cd(chosen[nm])[last]:.2f}"
+            for nm in ("sgd", "adam", "rmsprop", "adagrad")
+        )
         + f", SGD + Layca {cd(chosen['sgd+layca'])[first]:.2f}/{cd(chosen['sgd+layca'])[last]:.2f}. "
         "(Fig. 6) largest gap between the accuracy curves under Layca: "
         + ", ".join(f"{LABELS[a]} vs {LABELS[b]} {g:.3f}" for a, b, g in gaps)

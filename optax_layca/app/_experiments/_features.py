@@ -51,9 +51,7 @@ def run_key(k: int) -> str:
 def _group():
     from .._train import Group, Run, layca_sgd
 
-    runs = tuple(
-        Run(run_key(k), f"Layca ρ(0) = 3^{k}", {"rho": 3.0**k, "alpha": 0.0}) for k in KS
-    )
+    runs = tuple(Run(run_key(k), f"Layca ρ(0) = 3^{k}", {"rho": 3.0**k, "alpha": 0.0}) for k in KS)
     return Group(f"Layca at {len(runs)} rates (vmapped)", layca_sgd, runs)
 
 
@@ -74,8 +72,9 @@ def _train_config(config: ExperimentConfig):
 def _displacement(params: Any, params0: Any) -> Any:
     import jax
 
-    return jax.tree.map(lambda w, w0: np.asarray(w, np.float64) - np.asarray(w0, np.float64),
-                        params, params0)
+    return jax.tree.map(
+        lambda w, w0: np.asarray(w, np.float64) - np.asarray(w0, np.float64), params, params0
+    )
 
 
 def run(config: ExperimentConfig) -> dict[str, Any]:
@@ -93,11 +92,13 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     moved = {k: _displacement(res[k].params, task.params0) for k in runs}
     same = {
         k: np.asarray(layer_rotation(moved[k], moved[most], per_unit=True)[first], float).tolist()
-        for k in runs if k != most
+        for k in runs
+        if k != most
     }
     to_init = {
-        k: np.asarray(layer_rotation(res[k].params, task.params0, per_unit=True)[first],
-                      float).tolist()
+        k: np.asarray(
+            layer_rotation(res[k].params, task.params0, per_unit=True)[first], float
+        ).tolist()
         for k in runs
     }
     num_units = np.shape(task.params0[module]["kernel"])[-1]
@@ -109,8 +110,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "layer": first,
         "image_shape": list(task.data.input_shape[:2]),
         "units": [int(u) for u in units],
-        "features": {"init": kernel(task.params0)[:, units].tolist(),
-                     **{k: kernel(res[k].params)[:, units].tolist() for k in runs}},
+        "features": {
+            "init": kernel(task.params0)[:, units].tolist(),
+            **{k: kernel(res[k].params)[:, units].tolist() for k in runs},
+        },
         "rotation": rotation,
         "most_rotated": most,
         "displacement_distance": same,
@@ -131,10 +134,22 @@ def _table(runs, rotation, same) -> str:
     for k in sorted(runs, key=lambda k: rotation[k]):
         f = runs[k]["final"]
         med = f"{np.median(same[k]):.3f}" if k in same else "(reference)"
-        rows.append([runs[k]["label"], f"{rotation[k]:.3f}", f"{f['train_acc']:.3f}",
-                     f"{f['test_acc']:.3f}", med])
-    head = ["run", "first layer's cosine distance to init", "train acc", "test acc",
-            "median over units: cos. distance of w_T − w_0 to the most rotated run's"]
+        rows.append(
+            [
+                runs[k]["label"],
+                f"{rotation[k]:.3f}",
+                f"{f['train_acc']:.3f}",
+                f"{f['test_acc']:.3f}",
+                med,
+            ]
+        )
+    head = [
+        "run",
+        "first layer's cosine distance to init",
+        "train acc",
+        "test acc",
+        "median over units: cos. distance of w_T − w_0 to the most rotated run's",
+    ]
     return md_table(head, rows)
 
 
@@ -157,22 +172,38 @@ def figure(results: Mapping[str, Any]):
         label = f"ρ(0) = 3^{k.split('_k')[1]}"
         rows[label] = np.asarray(results["features"][k])
         f = runs[k]["final"]
-        notes[label] = (f"cos. dist. {rot[k]:.2f}\ntrain {100 * f['train_acc']:.1f}%"
-                        f"\ntest {100 * f['test_acc']:.1f}%")
+        notes[label] = (
+            f"cos. dist. {rot[k]:.2f}\ntrain {100 * f['train_acc']:.1f}%"
+            f"\ntest {100 * f['test_acc']:.1f}%"
+        )
     fig = plt.figure(figsize=(15, 1.7 * len(rows) + 0.8), layout="constrained")
     left, right = fig.subfigures(1, 2, width_ratios=[1.7, 1.0])
     grid = left.subplots(len(rows), len(results["units"]), squeeze=False)
-    plot.features_figure(rows, shape=results["image_shape"], units=range(len(results["units"])),
-                         annotations=notes, ax=grid)
+    plot.features_figure(
+        rows,
+        shape=results["image_shape"],
+        units=range(len(results["units"])),
+        annotations=notes,
+        ax=grid,
+    )
     for ax, u in zip(grid[0], results["units"]):
         ax.set_title(f"unit {u}", fontsize=9)
     left.suptitle("Fig. 8 (extended version): first-layer features by layer rotation", fontsize=11)
     ax = right.subplots()
     layer = results["layer"]
-    series = {f"ρ(0) = 3^{k.split('_k')[1]}": (results["curves"][k]["epoch"],
-                                               results["curves"][k]["layers"][layer]) for k in keys}
-    plot.training_curves_figure(series, ax=ax, ylabel=f"cosine distance to init ({layer})",
-                                title="layer rotation of the first layer")
+    series = {
+        f"ρ(0) = 3^{k.split('_k')[1]}": (
+            results["curves"][k]["epoch"],
+            results["curves"][k]["layers"][layer],
+        )
+        for k in keys
+    }
+    plot.training_curves_figure(
+        series,
+        ax=ax,
+        ylabel=f"cosine distance to init ({layer})",
+        title="layer rotation of the first layer",
+    )
     ax.set_ylim(0.0, 1.0)
     return fig
 
@@ -203,7 +234,7 @@ def verdict(results: Mapping[str, Any]) -> tuple[str, str]:
     medians = {k: float(np.median(v)) for k, v in results["displacement_distance"].items()}
     s_same = combine([_same_status(m) for m in medians.values()])
     text = (
-        f"First-layer cosine distance to init reached: "
+        "First-layer cosine distance to init reached: "
         + ", ".join(f"{rot[k]:.2f}" for k in keys)
         + f"; training accuracy {', '.join(f'{t:.3f}' for t in train)} (all ≥ {TRAINED}: "
         f"{s_fit}); test accuracy {', '.join(f'{t:.3f}' for t in test)}: Spearman r with the "

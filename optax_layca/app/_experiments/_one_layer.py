@@ -203,7 +203,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     repeats = QUICK_REPEATS if config.quick else DEFAULT_REPEATS
     reps = [_repeat(config, config.seed + i) for i in range(repeats)]
     histories = {k: h for r in reps for k, h in r.pop("histories").items()}
-    test, train = np.asarray([r["test_acc"] for r in reps]), np.asarray([r["train_acc"] for r in reps])
+    test, train = (
+        np.asarray([r["test_acc"] for r in reps]),
+        np.asarray([r["train_acc"] for r in reps]),
+    )
     sil = np.asarray([r["silhouette"] for r in reps], float)
     out = {
         "identity": {**reps[0]["identity"], "seeds": [r["seed"] for r in reps]},
@@ -259,9 +262,17 @@ def figure(results: Mapping[str, Any]):
     plot.layer_accuracy_figure(
         results["train_acc"], ax=train_ax, ylabel="training accuracy", title="training accuracy"
     )
-    series = {f"layer 0 trained, lr {FEEDBACK_LR:g} (mean of {n})": (results["silhouette_epochs"], results["mean_silhouette"])}
+    series = {
+        f"layer 0 trained, lr {FEEDBACK_LR:g} (mean of {n})": (
+            results["silhouette_epochs"],
+            results["mean_silhouette"],
+        )
+    }
     plot.training_curves_figure(
-        series, ax=sil_ax, ylabel="silhouette score of the feedback", colors=["C2"],
+        series,
+        ax=sil_ax,
+        ylabel="silhouette score of the feedback",
+        colors=["C2"],
         title="Fig. 7: first layer's feedback vs classes",
     )
     tidy(fig, [acc_ax, train_ax, sil_ax], "One layer trained at a time (the others frozen)")
@@ -311,7 +322,9 @@ CLAIM = (
 register(
     Experiment(
         name=NAME,
-        reference=Reference("Carbonnelle & De Vleeschouwer", 2019, "§1, Fig. 1 and App. A.1, Fig. 7"),
+        reference=Reference(
+            "Carbonnelle & De Vleeschouwer", 2019, "§1, Fig. 1 and App. A.1, Fig. 7"
+        ),
         claim=CLAIM,
         stand_in=(
             "scikit-learn's 8×8 digits (64 pixels) reduced to its first 100 training examples "

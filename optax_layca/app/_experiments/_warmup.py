@@ -51,7 +51,9 @@ def warmed_schedule(task: Any, hp: Mapping[str, Any]):
     import optax
 
     ramps = [
-        optax.linear_schedule(0.1, 1.0, d * task.steps_per_epoch) if d else optax.constant_schedule(1.0)
+        optax.linear_schedule(0.1, 1.0, d * task.steps_per_epoch)
+        if d
+        else optax.constant_schedule(1.0)
         for d in WARMUPS
     ]
     decay = task.schedule(hp["lr"])
@@ -91,18 +93,27 @@ def _group(ks):
     from .._train import Group, Run
 
     runs = [
-        Run(sgd_key(k, d), f"SGD lr 3^{k}, {_warm_label(d)}",
-            {METHOD: 0.0, "lr": 3.0**k, "warmup": float(i)})
+        Run(
+            sgd_key(k, d),
+            f"SGD lr 3^{k}, {_warm_label(d)}",
+            {METHOD: 0.0, "lr": 3.0**k, "warmup": float(i)},
+        )
         for k in ks
         for i, d in enumerate(WARMUPS)
     ]
     runs += [
-        Run(layca_key(d), f"Layca ρ(0) 3^-3, {_warm_label(d)}",
-            {METHOD: 1.0, "lr": LAYCA_RHO, "warmup": float(WARMUPS.index(d))})
+        Run(
+            layca_key(d),
+            f"Layca ρ(0) 3^-3, {_warm_label(d)}",
+            {METHOD: 1.0, "lr": LAYCA_RHO, "warmup": float(WARMUPS.index(d))},
+        )
         for d in (WARMUPS[0], WARMUPS[-1])
     ]
-    return Group(f"SGD and Layca × warmups ({len(runs)} runs, vmapped)", switched([_sgd, _layca]),
-                 tuple(runs))
+    return Group(
+        f"SGD and Layca × warmups ({len(runs)} runs, vmapped)",
+        switched([_sgd, _layca]),
+        tuple(runs),
+    )
 
 
 def _train_config(config: ExperimentConfig):
@@ -147,7 +158,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "num_test": len(task.data.x_test),
         "steps_per_epoch": spe,
         "layer_order": list(order),
-        "curves": {key: history_curves(res[key].history, order, steps_per_epoch=spe) for key in shown},
+        "curves": {
+            key: history_curves(res[key].history, order, steps_per_epoch=spe) for key in shown
+        },
         "epoch_rotation": {key: epoch_curves(res[key].history, order) for key in shown},
         "histories": {key: res[key].history for key in shown},
         "table": _table(runs, shown),
@@ -167,10 +180,19 @@ def _table(runs, shown) -> str:
     rows = []
     for key in shown:
         r = runs[key]
-        rows.append([r["label"], "yes" if r["diverged_at"] else "no",
-                     f"{r['final']['train_acc']:.3f}", f"{r['final']['test_acc']:.3f}",
-                     f"{r['final']['cos_min']:.3f}", f"{r['final']['cos_max']:.3f}"])
-    return md_table(["run", "diverged", "train acc", "test acc", "cos dist min", "cos dist max"], rows)
+        rows.append(
+            [
+                r["label"],
+                "yes" if r["diverged_at"] else "no",
+                f"{r['final']['train_acc']:.3f}",
+                f"{r['final']['test_acc']:.3f}",
+                f"{r['final']['cos_min']:.3f}",
+                f"{r['final']['cos_max']:.3f}",
+            ]
+        )
+    return md_table(
+        ["run", "diverged", "train acc", "test acc", "cos dist min", "cos dist max"], rows
+    )
 
 
 # ----------------------------------------------------------------------------- figure
@@ -193,26 +215,46 @@ def figure(results: Mapping[str, Any]):
     fig = plt.figure(figsize=(19, 12), layout="constrained")
     top, middle, bottom = fig.subfigures(3, 1)
     axes = panels(top, len(shown))
-    plot.rotation_curves_figure(hists, ax=axes, x="epoch", steps_per_epoch=spe,
-                                layer_order=order, legend=False, colorbar=True)
+    plot.rotation_curves_figure(
+        hists,
+        ax=axes,
+        x="epoch",
+        steps_per_epoch=spe,
+        layer_order=order,
+        legend=False,
+        colorbar=True,
+    )
     for ax, k in zip(axes, shown):
         ax.set_xlim(0, window)
-        ax.set_title(f"{runs[k]['label']}\nη = {100 * (runs[k]['final']['test_acc'] or math.nan):.1f}%")
+        ax.set_title(
+            f"{runs[k]['label']}\nη = {100 * (runs[k]['final']['test_acc'] or math.nan):.1f}%"
+        )
     tidy(top, axes, f"Fig. 4 (extended version): layer rotation, first {window} of {epochs} epochs")
     axes = panels(middle, len(shown))
     plot.epoch_rotation_figure(
-        {runs[k]["label"]: (results["epoch_rotation"][k]["epoch"], results["epoch_rotation"][k]["layers"])
-         for k in shown},
-        ax=axes, layer_order=order, legend=False, colorbar=True,
+        {
+            runs[k]["label"]: (
+                results["epoch_rotation"][k]["epoch"],
+                results["epoch_rotation"][k]["layers"],
+            )
+            for k in shown
+        },
+        ax=axes,
+        layer_order=order,
+        legend=False,
+        colorbar=True,
     )
     for ax in axes:
         ax.set_xlim(0.5, window + 0.5)
-    tidy(middle, axes, "rotation per epoch (cosine distance between the start and end of each epoch)")
+    tidy(
+        middle, axes, "rotation per epoch (cosine distance between the start and end of each epoch)"
+    )
     train_ax, test_ax = panels(bottom, 2, sharey=False)
     for ax, what in ((train_ax, "train_acc"), (test_ax, "test_acc")):
         plot.training_curves_figure(
             {runs[k]["label"]: (runs[k]["eval_epochs"], runs[k][what]) for k in shown},
-            ax=ax, ylabel=what.replace("_acc", "ing accuracy" if what == "train_acc" else " accuracy"),
+            ax=ax,
+            ylabel=what.replace("_acc", "ing accuracy" if what == "train_acc" else " accuracy"),
             colors=[f"C{i}" for i in range(len(shown))],
         )
         ax.set_xlim(0, window)
@@ -233,7 +275,9 @@ def verdict(results: Mapping[str, Any]) -> tuple[str, str]:
     early = []
     for d in results["warmups"][1:]:
         s, delta, se = compare_accuracies(
-            _acc_at(results, sgd_key(k, d), e), _acc_at(results, none, e), results["num_train"],
+            _acc_at(results, sgd_key(k, d), e),
+            _acc_at(results, none, e),
+            results["num_train"],
             "greater",
         )
         early.append((d, s, delta, se))
@@ -243,14 +287,19 @@ def verdict(results: Mapping[str, Any]) -> tuple[str, str]:
     s_rot = compare_layers(first(none), first(longest), "greater")
     la, lb = layca_key(results["warmups"][0]), layca_key(results["warmups"][-1])
     test = lambda key: _acc_at(results, key, results["runs"][key]["eval_epochs"][-1], "test_acc")
-    s_layca, d_layca, se_layca = compare_accuracies(test(la), test(lb), results["num_test"], "on_par")
+    s_layca, d_layca, se_layca = compare_accuracies(
+        test(la), test(lb), results["num_test"], "on_par"
+    )
     s_early = combine([x[1] for x in early])
     text = (
         f"High SGD rate (largest that trains without warmup, final training accuracy > twice "
         f"chance): 3^{k}. Training accuracy at epoch "
         f"{e}: no warmup {_acc_at(results, none, e):.3f}; "
-        + ", ".join(f"{d}-epoch warmup {_acc_at(results, sgd_key(k, d), e):.3f} ({dl:+.3f}, "
-                    f"2·se = {2 * se:.3f}: {s})" for d, s, dl, se in early)
+        + ", ".join(
+            f"{d}-epoch warmup {_acc_at(results, sgd_key(k, d), e):.3f} ({dl:+.3f}, "
+            f"2·se = {2 * se:.3f}: {s})"
+            for d, s, dl, se in early
+        )
         + f": warmups help, {s_early}. First-epoch rotation per layer without warmup "
         f"{np.round(first(none), 3).tolist()} vs {results['warmups'][-1]}-epoch warmup "
         f"{np.round(first(longest), 3).tolist()}: larger without, {s_rot}. Layca test accuracy "
