@@ -36,6 +36,7 @@ from ._common import (
     history_curves,
     panels,
     run_summary,
+    runs_table,
     selected,
     train_runs,
 )
@@ -142,24 +143,8 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
             k: history_curves(res[k].history, task.order, steps_per_epoch=spe) for k in shown
         },
         "histories": {k: res[k].history for k in shown},
-        "table": _table(runs, shown),
+        "table": runs_table(runs, shown),
     }
-
-
-def _table(runs, shown) -> str:
-    from .._report import md_table
-
-    rows = [
-        [
-            runs[k]["label"],
-            f"{runs[k]['final']['train_acc']:.3f}",
-            f"{runs[k]['final']['test_acc']:.3f}",
-            f"{runs[k]['final']['cos_min']:.3f}",
-            f"{runs[k]['final']['cos_max']:.3f}",
-        ]
-        for k in shown
-    ]
-    return md_table(["run", "train acc", "test acc", "cos dist min", "cos dist max"], rows)
 
 
 # ----------------------------------------------------------------------------- figure

@@ -40,6 +40,7 @@ from ._common import (
     history_curves,
     panels,
     run_summary,
+    runs_table,
     selected,
     train_runs,
 )
@@ -274,35 +275,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         "curves": {k: history_curves(res[k].history, order, steps_per_epoch=spe) for k in shown},
         "moment_percentiles": moments,
         "histories": {k: res[k].history for k in shown},
-        "table": _table(runs, chosen),
+        "table": runs_table(
+            runs, list(chosen.values()), "run (plain methods: lr chosen on validation)"
+        ),
     }
-
-
-def _table(runs, chosen) -> str:
-    from .._report import md_table
-
-    rows = []
-    for key in chosen.values():
-        f = runs[key]["final"]
-        rows.append(
-            [
-                runs[key]["label"],
-                f"{f['train_acc']:.3f}",
-                f"{f['test_acc']:.3f}",
-                f"{f['cos_min']:.3f}",
-                f"{f['cos_max']:.3f}",
-            ]
-        )
-    return md_table(
-        [
-            "run (plain methods: lr chosen on validation)",
-            "train acc",
-            "test acc",
-            "cos dist min",
-            "cos dist max",
-        ],
-        rows,
-    )
 
 
 # ----------------------------------------------------------------------------- figure

@@ -35,6 +35,7 @@ __all__ = [
     "panels",
     "rank_trend",
     "run_summary",
+    "runs_table",
     "selected",
     "train_runs",
     "trend_status",
@@ -191,3 +192,21 @@ def selected(runs: Mapping[str, Any], keys: Sequence[str], by: str = "val_acc") 
     score = lambda k: runs[k]["final"][by]
     finite = [k for k in keys if score(k) is not None and math.isfinite(score(k))]
     return max(finite, key=score) if finite else keys[0]
+
+
+def runs_table(runs: Mapping[str, Any], keys: Sequence[str], first: str = "run") -> str:
+    """Markdown table of final figures, one row per run of ``keys`` (summaries from
+    :func:`run_summary`): label, diverged, train and test accuracy, min and max over layers of
+    the final cosine distance to init ("div." for a run that diverged)."""
+    from .._report import md_table
+
+    fmt = lambda v: "div." if v is None or not math.isfinite(v) else f"{v:.3f}"
+    rows = []
+    for key in keys:
+        r, f = runs[key], runs[key]["final"]
+        rows.append(
+            [r["label"], "no" if r["diverged_at"] is None else f"epoch {r['diverged_at']}"]
+            + [fmt(f[k]) for k in ("train_acc", "test_acc", "cos_min", "cos_max")]
+        )
+    head = [first, "diverged", "train acc", "test acc", "cos dist min", "cos dist max"]
+    return md_table(head, rows)

@@ -31,6 +31,7 @@ from ._common import (
     history_curves,
     panels,
     run_summary,
+    runs_table,
     train_runs,
 )
 from ._switch import METHOD, switched
@@ -163,7 +164,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         },
         "epoch_rotation": {key: epoch_curves(res[key].history, order) for key in shown},
         "histories": {key: res[key].history for key in shown},
-        "table": _table(runs, shown),
+        "table": runs_table(runs, shown),
     }
 
 
@@ -172,27 +173,6 @@ def _acc_at(results, key, epoch, what="train_acc") -> float:
     ev = list(r["eval_epochs"])
     v = r[what][ev.index(epoch)] if epoch in ev else None
     return math.nan if v is None else float(v)
-
-
-def _table(runs, shown) -> str:
-    from .._report import md_table
-
-    rows = []
-    for key in shown:
-        r = runs[key]
-        rows.append(
-            [
-                r["label"],
-                "yes" if r["diverged_at"] else "no",
-                f"{r['final']['train_acc']:.3f}",
-                f"{r['final']['test_acc']:.3f}",
-                f"{r['final']['cos_min']:.3f}",
-                f"{r['final']['cos_max']:.3f}",
-            ]
-        )
-    return md_table(
-        ["run", "diverged", "train acc", "test acc", "cos dist min", "cos dist max"], rows
-    )
 
 
 # ----------------------------------------------------------------------------- figure
