@@ -247,7 +247,10 @@ def test_python_dash_m_help():
 def test_reproduce_list(capsys):
     assert cli.main(["reproduce", "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["rotation-grid", "weight-decay", "lars"]
+    assert [line.split()[0] for line in lines] == [
+        "one-layer-at-a-time", "rotation-grid", "weight-decay", "adaptive", "lars", "warmup",
+        "adapt-copy", "features",
+    ]
     assert all("Carbonnelle & De Vleeschouwer, 2019" in line for line in lines)
 
 

@@ -28,6 +28,7 @@ on) and the rotation figures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -379,6 +380,14 @@ def _take(tree: Any, c: int) -> Any:
     return _jax().tree.map(lambda a: a[c], tree)
 
 
+@functools.cache
+def _take_on_device():
+    """``(tree, c) -> tree[c]`` jitted: one dispatch for a whole device tree (leaf by leaf,
+    a state of hundreds of leaves costs hundreds of dispatches per run)."""
+    jax = _jax()
+    return jax.jit(lambda tree, c: jax.tree.map(lambda a: a[c], tree))
+
+
 def _jax():
     import jax
 
@@ -530,7 +539,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _train_group(
-    trainer: _GroupTrainer, *, progress: bool, on_step: Callable[[Run, int, Any], None] | None
+    trainer: _GroupTrainer,
+    *,
+    progress: bool,
+    on_step: Callable[[Run, int, Any], None] | None,
+    on_epoch: Callable[[Run, int, Any, Any], None] | None = None,
 ) -> None:
     from ..data import epoch_batches
 
@@ -551,6 +564,11 @@ def _train_group(
                 if trainer.done():
                     break
             trainer.end_epoch(epoch)
+            if on_epoch is not None:
+                take = _take_on_device()
+                for c in trainer.alive():
+                    params, state = take((trainer.params, trainer.states), c)
+                    on_epoch(trainer.group.runs[c], epoch, params, state)
             bar.update(1)
             bar.set_postfix(loss=f"{np.nanmean(losses):.3f}")
             if trainer.done():
@@ -563,6 +581,7 @@ def train(
     *,
     progress: bool = True,
     on_step: Callable[[Run, int, Any], None] | None = None,
+    on_epoch: Callable[[Run, int, Any, Any], None] | None = None,
     max_steps: int | None = None,
 ) -> dict[str, RunResult]:
     """Trains every run of every group from ``task.params0``; returns ``{run key: result}``.
@@ -573,6 +592,10 @@ def train(
       progress: a tqdm bar per group on stderr.
       on_step: ``on_step(run, step, params)`` after every step of every live run (switches to
         one jitted step per call).
+      on_epoch: ``on_epoch(run, epoch, params, opt_state)`` after every epoch of every live
+        run, with that run's parameters and optimizer state (the ``track_rotation`` state
+        wrapping its optimizer's), e.g. to read Adam's ``ν`` or probe the network; epochs stay
+        one jitted call each.
       max_steps: stop every group after this many steps (the epoch in progress is closed with
         its records, at that step).
     """
@@ -589,7 +612,7 @@ def train(
     for group in groups:
         t0 = time.perf_counter()
         trainer = _GroupTrainer(task, group, evaluators, on_step is not None, max_steps)
-        _train_group(trainer, progress=progress, on_step=on_step)
+        _train_group(trainer, progress=progress, on_step=on_step, on_epoch=on_epoch)
         for res in trainer.results(time.perf_counter() - t0):
             out[res.run.key] = res
     return out

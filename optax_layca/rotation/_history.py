@@ -371,8 +371,9 @@ class RotationHistory:
 
         Between two records the mean step angle ``(Σθ(t2) - Σθ(t1)) / (t2 - t1)`` (from
         ``cumulative_angle``, with ``Σθ = 0`` at step 0) is repeated for each step of the
-        interval; recorded every step, this is the exact per-step angle. Feeds
-        :func:`~optax_layca.adapt_copy`.
+        interval; recorded every step, this is the exact per-step angle. A record of the
+        initial state (step 0, ``Σθ = 0``), as training loops that record before the first
+        update keep, is that origin and is skipped. Feeds :func:`~optax_layca.adapt_copy`.
 
         Returns:
           ``{layer path: float64 array (steps[-1], ...)}``; row ``t`` is the angle of update
@@ -380,6 +381,8 @@ class RotationHistory:
         """
         cum = self.get("cumulative_angle", layers)
         steps = self.steps
+        if len(steps) > 1 and steps[0] == 0:  # the initial state: the origin, Σθ = 0
+            steps, cum = steps[1:], {p: c[1:] for p, c in cum.items()}
         if np.any(np.diff(steps) <= 0) or steps[0] <= 0:
             raise ValueError(
                 "`step_angles` needs records at strictly increasing steps > 0; got "

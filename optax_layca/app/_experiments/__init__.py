@@ -147,22 +147,28 @@ def register(experiment: Experiment) -> Experiment:
 
 
 def _paper_order(exp: Experiment) -> tuple:
-    """Experiments sort by paper (authors, year), then by their first figure number."""
-    fig = re.search(r"Fig\. (\d+)", exp.reference.where)
-    return exp.reference.authors, exp.reference.year, int(fig[1]) if fig else 10**6, exp.name
+    """Experiments sort by paper (authors, year, title), then by their first figure number."""
+    ref = exp.reference
+    fig = re.search(r"Fig\. (\d+)", ref.where)
+    return ref.authors, ref.year, ref.title, int(fig[1]) if fig else 10**6, exp.name
 
 
 def registry() -> dict[str, Experiment]:
     """Every experiment, by name, in the papers' order (imports their modules once)."""
     from . import (  # noqa: F401  (importing registers)
+        _adapt_copy,
+        _adaptive,
         _class_specialisation,
         _convergence_bias,
+        _features,
         _lars,
         _lca_layers,
         _lca_table,
+        _one_layer,
         _phase_lag,
         _rotation_grid,
         _synchronisation,
+        _warmup,
         _weight_decay,
     )
 

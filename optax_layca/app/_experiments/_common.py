@@ -37,6 +37,7 @@ __all__ = [
     "panels",
     "rank_trend",
     "run_summary",
+    "runs_table",
     "selected",
     "train_runs",
     "trend_status",
@@ -71,13 +72,26 @@ def mnist1d_config(
     )
 
 
-def train_runs(name: str, config: ExperimentConfig, train_config: Any, groups: Sequence[Any]):
-    """Sets up the task, trains ``groups`` with the one training loop; returns ``(task,
-    {run key: RunResult}, identity)``."""
+def train_runs(
+    name: str,
+    config: ExperimentConfig,
+    train_config: Any,
+    groups: Sequence[Any],
+    *,
+    task: Any = None,
+    **kwargs: Any,
+):
+    """Sets up the task (unless ``task``, set up from ``train_config``, is given), trains
+    ``groups`` with the one training loop (``kwargs``, e.g. ``on_epoch=``, go to
+    :func:`~optax_layca.app._train.train`); returns ``(task, {run key: RunResult},
+    identity)``."""
     from .. import _report, _train
 
-    task = _train.setup(train_config)
-    results = _train.train(task, groups, progress=config.progress)
+    if task is None:
+        task = _train.setup(train_config)
+    elif task.config != train_config:
+        raise ValueError("`train_runs(task=...)` was set up from another configuration.")
+    results = _train.train(task, groups, progress=config.progress, **kwargs)
     identity = _report.run_identity(
         "reproduce", train_config, task, experiment=name, quick=config.quick
     )
@@ -232,3 +246,21 @@ def selected(runs: Mapping[str, Any], keys: Sequence[str], by: str = "val_acc") 
     score = lambda k: runs[k]["final"][by]
     finite = [k for k in keys if score(k) is not None and math.isfinite(score(k))]
     return max(finite, key=score) if finite else keys[0]
+
+
+def runs_table(runs: Mapping[str, Any], keys: Sequence[str], first: str = "run") -> str:
+    """Markdown table of final figures, one row per run of ``keys`` (summaries from
+    :func:`run_summary`): label, diverged, train and test accuracy, min and max over layers of
+    the final cosine distance to init ("div." for a run that diverged)."""
+    from .._report import md_table
+
+    fmt = lambda v: "div." if v is None or not math.isfinite(v) else f"{v:.3f}"
+    rows = []
+    for key in keys:
+        r, f = runs[key], runs[key]["final"]
+        rows.append(
+            [r["label"], "no" if r["diverged_at"] is None else f"epoch {r['diverged_at']}"]
+            + [fmt(f[k]) for k in ("train_acc", "test_acc", "cos_min", "cos_max")]
+        )
+    head = [first, "diverged", "train acc", "test acc", "cos dist min", "cos dist max"]
+    return md_table(head, rows)
