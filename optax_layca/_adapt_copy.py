@@ -90,7 +90,10 @@ def _points(
                 "`adapt_copy(steps_per_epoch=...)` applies to a table given per epoch, not to a "
                 "RotationHistory (its steps are known)."
             )
-        return history_or_table.steps, history_or_table.get(name)
+        steps, values = history_or_table.steps, history_or_table.get(name)
+        if len(steps) > 1 and steps[0] == 0:  # a record of the initial state: the origin
+            steps, values = steps[1:], {p: v[1:] for p, v in values.items()}
+        return steps, values
     if not isinstance(history_or_table, Mapping) or not history_or_table:
         raise TypeError(
             "`adapt_copy` needs a RotationHistory or a non-empty dict {layer path: per-step "

@@ -11,7 +11,10 @@ imports neither matplotlib nor IPython.
 from ._display import lca_html as lca_html
 from ._display import register_display as register_display
 from ._display import rotation_history_html as rotation_history_html
-from ._lca import *  # noqa: F403  (each module lists its figures in __all__)
+from ._experiments import *  # noqa: F403  (each module lists its figures in __all__)
+from ._experiments_lca import *  # noqa: F403  (each module lists its figures in __all__)
+from ._lca import *  # noqa: F403
 from ._rotation import *  # noqa: F403
+from ._training import *  # noqa: F403
 
 register_display()

@@ -28,6 +28,22 @@ def depth_colors(n: int) -> list:
     return [cmap(0.0 if n == 1 else i / (n - 1)) for i in range(n)]
 
 
+def palette(colors: str | Sequence, n: int) -> list:
+    """``n`` colours: ``"viridis"`` by depth (:func:`depth_colors`), another colormap name
+    cycled, or the ``n`` colours given."""
+    if colors == "viridis":
+        return depth_colors(n)
+    if isinstance(colors, str):
+        from matplotlib import colormaps
+
+        cmap = colormaps[colors]
+        return [cmap(i % cmap.N) for i in range(n)]
+    colors = list(colors)
+    if len(colors) != n:
+        raise ValueError(f"`colors=` must give one colour per series ({n}); got {len(colors)}.")
+    return colors
+
+
 def figure_axes(ax, n: int = 1, *, width: float = 4.0, height: float = 3.2):
     """``(fig, [axes])``: the given axes (one, or a sequence of ``n``) or a new row of ``n``.
 

@@ -202,7 +202,9 @@ class RotationHistory:
             self._shapes = {
                 f"{n}/{p}": tuple(np.shape(figures[n][p])) for n in names for p in layers
             }
-        elif names != self._names or any(tuple(figures[n]) != self._layers for n in names):
+        elif set(names) != set(self._names) or any(
+            set(figures[n]) != set(self._layers) for n in names
+        ):  # the order may differ: a dict passed through jax.tree comes back with sorted keys
             raise ValueError(
                 "`RotationHistory.record`: figures or layers changed since the first record: "
                 f"had {self._names} over {self._layers}, got {names} over "
@@ -407,8 +409,9 @@ class RotationHistory:
 
         Between two records the mean step angle ``(Σθ(t2) - Σθ(t1)) / (t2 - t1)`` (from
         ``cumulative_angle``, with ``Σθ = 0`` at step 0) is repeated for each step of the
-        interval; recorded every step, this is the exact per-step angle. Feeds
-        :func:`~optax_layca.adapt_copy`.
+        interval; recorded every step, this is the exact per-step angle. A record of the
+        initial state (step 0, ``Σθ = 0``), as training loops that record before the first
+        update keep, is that origin and is skipped. Feeds :func:`~optax_layca.adapt_copy`.
 
         Returns:
           ``{layer path: float64 array (steps[-1], ...)}``; row ``t`` is the angle of update
@@ -416,6 +419,8 @@ class RotationHistory:
         """
         cum = self.get("cumulative_angle", layers)
         steps = self.steps
+        if len(steps) > 1 and steps[0] == 0:  # the initial state: the origin, Σθ = 0
+            steps, cum = steps[1:], {p: c[1:] for p, c in cum.items()}
         if np.any(np.diff(steps) <= 0) or steps[0] <= 0:
             raise ValueError(
                 "`step_angles` needs records at strictly increasing steps > 0; got "
