@@ -249,9 +249,12 @@ def test_reproduce_list(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == [
         "one-layer-at-a-time", "rotation-grid", "weight-decay", "adaptive", "lars", "warmup",
-        "adapt-copy", "features",
+        "adapt-copy", "features", "convergence-bias", "lca-table", "lca-layers", "phase-lag",
+        "synchronisation", "class-specialisation",
     ]
-    assert all("Carbonnelle & De Vleeschouwer, 2019" in line for line in lines)
+    authors = ["Carbonnelle & De Vleeschouwer, 2019"] * 8 + ["Chen, Yuille & Zhou, 2023"]
+    authors += ["Lan, Liu, Zhou & Yosinski, 2019"] * 5
+    assert all(a in line for a, line in zip(authors, lines, strict=True))
 
 
 def test_sweep_controls_the_rates(tmp_path):
