@@ -38,19 +38,11 @@ def run_quick(name: str, out: Path) -> dict[str, Any]:
     return {**record, "histories": histories}
 
 
-def quick_record_fixture(name: str):
-    """A module-scoped fixture: ``(out folder, record)`` of one ``reproduce NAME --quick``."""
-
-    @pytest.fixture(scope="module")
-    def record(tmp_path_factory):
-        out = tmp_path_factory.mktemp(name)
-        return out, run_quick(name, out)
-
-    return record
-
 
 def non_finite(obj: Any, path: str = "", allowed: tuple[str, ...] = ()) -> list[str]:
     """Paths of the None / non-finite numbers in a JSON record, outside keys ``allowed``."""
+    if isinstance(obj, dict) and obj.get("diverged_at") is not None:
+        return []  # a diverged run: NaN from its divergence on, which it records
     if isinstance(obj, dict):
         return [
             p

@@ -9,7 +9,7 @@ from _reproduce_utils import (
     check_files_and_section,
     non_finite,
     panel_titles,
-    quick_record_fixture,
+    quick_fixture,
 )
 
 from optax_layca.app._experiments import _class_specialisation
@@ -17,12 +17,13 @@ from optax_layca.app._experiments import _class_specialisation
 NAME = "class-specialisation"
 
 
-record = quick_record_fixture(NAME)
+record = quick_fixture(NAME)
 
 
 def test_files_json_and_report_section(record):
     out, rec = record
-    check_files_and_section(out, NAME, rec)
+    # a neuron with no LCA in any class (dead at quick scale) has no specialisation: NaN
+    check_files_and_section(out, NAME, rec, may_be_null=("neuron_specialisation",))
     allowed = ("diverged_at", "config", "val_acc", "neuron_specialisation")  # dead neurons: NaN
     assert non_finite(rec, allowed=allowed) == []
     assert np.asarray(rec["per_class_layer"]).shape == (10, 6)

@@ -8,7 +8,7 @@ from _reproduce_utils import (
     check_files_and_section,
     non_finite,
     panel_titles,
-    quick_record_fixture,
+    quick_fixture,
 )
 
 from optax_layca.app._experiments import _convergence_bias
@@ -16,12 +16,15 @@ from optax_layca.app._experiments import _convergence_bias
 NAME = "convergence-bias"
 
 
-record = quick_record_fixture(NAME)
+record = quick_fixture(NAME)
 
 
 def test_files_json_and_report_section(record):
     out, rec = record
-    check_files_and_section(out, NAME, rec)
+    # at quick scale the high frequency may never be learned: no step, no coverage then
+    check_files_and_section(
+        out, NAME, rec, may_be_null=("learned_step", "coverage_at_high")
+    )
     # the high frequency is not learned in the quick run: its step and phase are undefined
     allowed = ("diverged_at", "config", "val_acc", "learned_step", "coverage_at_high")
     assert non_finite(rec, allowed=allowed) == []

@@ -8,7 +8,7 @@ from _reproduce_utils import (
     check_files_and_section,
     non_finite,
     panel_titles,
-    quick_record_fixture,
+    quick_fixture,
 )
 
 from optax_layca.app._experiments import _lca_table
@@ -16,7 +16,7 @@ from optax_layca.app._experiments import _lca_table
 NAME = "lca-table"
 
 
-record = quick_record_fixture(NAME)
+record = quick_fixture(NAME)
 
 
 def test_files_json_and_report_section(record):
@@ -50,10 +50,10 @@ def test_figure_has_the_papers_panels(record):
 def test_fractions_are_a_partition_of_the_parameters(record):
     _, rec = record
     for r in rec["runs"].values():
-        total = np.asarray(r["helping"]) + np.asarray(r["hurting"]) + np.asarray(r["zero"])
+        total = sum(np.asarray(r["fractions"][k]) for k in ("helping", "hurting", "zero"))
         # counts / P in float64, then rounded to 7 significant digits by the JSON writer
         np.testing.assert_allclose(total, 1.0, atol=3e-7)
-        assert len(r["helping"]) == 20
+        assert len(r["fractions"]["helping"]) == 20
 
 
 def test_rk4_is_far_more_exact_than_first_order(record):

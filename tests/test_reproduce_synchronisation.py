@@ -8,7 +8,7 @@ from _reproduce_utils import (
     check_files_and_section,
     non_finite,
     panel_titles,
-    quick_record_fixture,
+    quick_fixture,
 )
 
 from optax_layca.app._experiments import _synchronisation
@@ -16,7 +16,7 @@ from optax_layca.app._experiments import _synchronisation
 NAME = "synchronisation"
 
 
-record = quick_record_fixture(NAME)
+record = quick_fixture(NAME)
 
 
 def test_files_json_and_report_section(record):

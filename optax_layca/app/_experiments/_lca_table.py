@@ -77,9 +77,7 @@ def _run_numbers(lr: Any, names) -> dict[str, Any]:
     idx = [f.layer_names.index(n) for n in names]
     return {
         "label": lr.label,
-        "helping": f.helping,
-        "hurting": f.hurting,
-        "zero": f.zero,
+        "fractions": f._asdict(),  # Fig. 3a's curves (helping, hurting, zero per iteration)
         "helping_mean": float(np.mean(f.helping)),
         "hurting_mean": float(np.mean(f.hurting)),
         "zero_mean": float(np.mean(f.zero)),
@@ -196,15 +194,16 @@ def figure(results: Mapping[str, Any]):
     (helping fraction per layer), Table S1 and Table S2 as bars."""
     import matplotlib.pyplot as plt
 
-    from ... import plot
+    from ... import lca, plot
     from .._figures import tidy
 
     runs = results["runs"]
     fig = plt.figure(figsize=(14, 7.5), layout="constrained")
     top, bottom = fig.subfigures(2, 1)
     axes = top.subplots(1, len(runs), sharey=True)
-    for ax, (key, r) in zip(axes, runs.items()):
-        plot.helping_fraction_figure(results["histories"][key], ax=ax)
+    for ax, r in zip(axes, runs.values()):
+        fractions = {k: np.asarray(v) for k, v in r["fractions"].items()}
+        plot.helping_fraction_figure(lca.HelpingFractions(**fractions), ax=ax)
         ax.set_title(f"{r['label']} (mean helping {100 * r['helping_mean']:.1f}%)")
         ax.get_legend().remove()
     axes[-1].legend(loc="upper right", fontsize=7)
