@@ -1,5 +1,15 @@
-"""optax_layca: control and measure layer-level training speed with JAX and Optax."""
+"""optax_layca: control and measure layer-level training speed with JAX and Optax.
 
+Control (optax transforms): :func:`layca`, :func:`lars`, :func:`sgd_amom`, :func:`adapt_copy`
+and the operations they chain. Measure: :mod:`optax_layca.rotation` (main names re-exported
+here) and :mod:`optax_layca.lca`. Show: :mod:`optax_layca.plot`. Command line:
+:mod:`optax_layca.app`.
+"""
+
+from . import rotation as rotation
+from ._adapt_copy import AdaptCopyState as AdaptCopyState
+from ._adapt_copy import adapt_copy as adapt_copy
+from ._adapt_copy import scale_by_adapt_copy as scale_by_adapt_copy
 from ._layca import DEFAULT_PARALLEL_TOL as DEFAULT_PARALLEL_TOL
 from ._layca import InitialNormState as InitialNormState
 from ._layca import ScaleByLaycaState as ScaleByLaycaState
@@ -19,16 +29,10 @@ from ._multipliers import scale_by_layer_multipliers as scale_by_layer_multiplie
 from ._optimizers import lars as lars
 from ._optimizers import layca as layca
 from ._optimizers import sgd_amom as sgd_amom
-
-__version__ = "0.1.0"
-
-# --- rotation monitoring, AdaptCopy (issue 4) ---
-from . import rotation as rotation
-from ._adapt_copy import AdaptCopyState as AdaptCopyState
-from ._adapt_copy import adapt_copy as adapt_copy
-from ._adapt_copy import scale_by_adapt_copy as scale_by_adapt_copy
 from .rotation import RotationHistory as RotationHistory
 from .rotation import TrackRotationState as TrackRotationState
 from .rotation import layer_convergence_rate as layer_convergence_rate
 from .rotation import layer_rotation as layer_rotation
 from .rotation import track_rotation as track_rotation
+
+__version__ = "0.2.0.dev0"

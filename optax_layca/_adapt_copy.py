@@ -1,29 +1,41 @@
-"""AdaptCopy: Layca replaying the per-layer rotation of a recorded run (seed 002, §5.4)."""
+"""AdaptCopy: Layca replaying the per-layer rotation of a recorded run.
+
+Carbonnelle & De Vleeschouwer, extended version of *Layer rotation*, 2019, §5.4. The recording
+is anything shaped like :class:`optax_layca.rotation.RotationHistory` (see
+:class:`RotationRecord`): control does not import the measurement wing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._base import value_at
 from ._custom_types import IsLayer, LayerAxis, ScalarOrSchedule
-from ._layca import (
-    DEFAULT_PARALLEL_TOL,
-    _check_params,
-    initial_layer_norms,
-    layca_layer_update,
-    layer_dot,
-)
-from ._layers import Layering, LeafLayout, natural_order
-from ._multipliers import value_at
-from ._optimizers import _base
-from .rotation import RotationHistory, _kept_shape
+from ._layca import DEFAULT_PARALLEL_TOL, initial_layer_norms, layca_layer_update
+from ._layers import Layering, LeafLayout, check_params, kept_shape, layer_dot, natural_order
+from ._optimizers import base_direction
 
 PAST_END = ("hold", "stop")
+
+
+@runtime_checkable
+class RotationRecord(Protocol):
+    """What AdaptCopy reads from a recording (:class:`optax_layca.rotation.RotationHistory`)."""
+
+    @property
+    def steps(self) -> np.ndarray: ...
+
+    def get(self, name: str) -> dict[str, np.ndarray]: ...
+
+    def step_angles(self) -> dict[str, np.ndarray]: ...
+
+
 TARGETS = ("step_angle", "cosine_distance")
 
 
@@ -42,12 +54,12 @@ class AdaptCopyState(NamedTuple):
 
 
 def _points(
-    history_or_table: RotationHistory | Mapping[str, Any],
+    history_or_table: RotationRecord | Mapping[str, Any],
     name: str,
     steps_per_epoch: int | None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(record steps ``(R,)``, ``{layer path: values (R, ...)}``) from a history or a table."""
-    if isinstance(history_or_table, RotationHistory):
+    if isinstance(history_or_table, RotationRecord):
         if steps_per_epoch is not None:
             raise ValueError(
                 "`adapt_copy(steps_per_epoch=...)` applies to a table given per epoch, not to a "
@@ -85,14 +97,14 @@ def _points(
 
 
 def _step_table(
-    history_or_table: RotationHistory | Mapping[str, Any],
+    history_or_table: RotationRecord | Mapping[str, Any],
     target: str,
     steps_per_epoch: int | None,
 ) -> dict[str, np.ndarray]:
     """``{layer path: float64 (T, ...)}``: per-step angles (``target="step_angle"``) or
     per-step target angles to init (``target="cosine_distance"``), row ``t`` for update t+1."""
     if target == "step_angle":
-        if isinstance(history_or_table, RotationHistory):
+        if isinstance(history_or_table, RotationRecord):
             _points(history_or_table, "cumulative_angle", steps_per_epoch)  # argument checks
             table = history_or_table.step_angles()
         else:
@@ -163,7 +175,7 @@ def _rate_to_reach(
 
 
 def scale_by_adapt_copy(
-    history_or_table: RotationHistory | Mapping[str, Any],
+    history_or_table: RotationRecord | Mapping[str, Any],
     *,
     target: str = "step_angle",
     steps_per_epoch: int | None = None,
@@ -207,7 +219,7 @@ def scale_by_adapt_copy(
                 f"Recorded but not in params: {unknown}; in params but not recorded: {missing}."
             )
         for p, (lo, x) in layers.items():
-            want = _kept_shape(lo, np.shape(x))
+            want = kept_shape(lo, np.shape(x))
             if tuple(rates[p].shape[1:]) != want:
                 raise ValueError(
                     f"`adapt_copy`: layer {p!r} has one rate per step of shape "
@@ -226,7 +238,7 @@ def scale_by_adapt_copy(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _check_params(updates, params)
+        check_params(updates, params)
         row = jnp.minimum(state.count, num_steps - 1)
 
         def one(lo, s, w, n0):
@@ -252,7 +264,7 @@ def scale_by_adapt_copy(
 
 
 def adapt_copy(
-    history_or_table: RotationHistory | Mapping[str, Any],
+    history_or_table: RotationRecord | Mapping[str, Any],
     base: optax.GradientTransformation | None = None,
     *,
     target: str = "step_angle",
@@ -266,7 +278,7 @@ def adapt_copy(
     parallel_tol: float = DEFAULT_PARALLEL_TOL,
     check_base: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""AdaptCopy: Layca replaying another run's per-layer rotation (seed 002, §5.4).
+    r"""AdaptCopy: Layca replaying another run's per-layer rotation (Carbonnelle & De Vleeschouwer, 2019, extended version, §5.4).
 
     Record a run (e.g. Adam) with :func:`~optax_layca.rotation.track_rotation` and a
     :class:`~optax_layca.rotation.RotationHistory`; then train with Layca in the direction of
@@ -336,7 +348,7 @@ def adapt_copy(
       generalization in deep networks?`, 2019, §5.4 and App. B.4.
     """
     return optax.chain(
-        _base(base, check_base),
+        base_direction(base, check_base),
         scale_by_adapt_copy(
             history_or_table,
             target=target,

@@ -1,4 +1,4 @@
-"""Layca's operations (seed 000, Algorithm 1) and the LARS norm cap (App. A.2).
+"""Layca's operations and the LARS norm cap (Carbonnelle & De Vleeschouwer, 2019, Alg. 1, App. A.2).
 
 Transforms before ``optax.scale_by_learning_rate`` act on gradient-like directions; those after
 it act on the signed update and read ``params``. Every reduction is per layer (or per unit) and
@@ -13,32 +13,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._base import is_concrete, value_at
 from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
-from ._layers import Layering, LeafLayout, check_same_structure, layer_depths
-from ._multipliers import NO_PARAMS_MSG, check_alpha, is_concrete, multiplier_at_depth, value_at
+from ._layers import (
+    Layering,
+    LeafLayout,
+    check_params,
+    layer_depths,
+    layer_dot,
+    layer_norm,
+)
+from ._multipliers import check_alpha, multiplier_at_depth
 
 DEFAULT_PARALLEL_TOL = 1e-3
 # Fused Layca recomputes ‖s⊥‖² in a second pass when ‖s‖/‖s⊥‖ exceeds this (float32 error of
 # the one-pass c − b²/a is then above ~1e-6 relative).
 PRECISE_RATIO = 4.0
-
-
-def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
-    """Per-layer inner product in float32, with the reduced axes kept (for broadcasting)."""
-    return jnp.sum(
-        x.astype(jnp.float32) * y.astype(jnp.float32), axis=lo.reduce_axes, keepdims=True
-    )
-
-
-def layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
-    """Per-layer Euclidean norm in float32, reduced axes kept."""
-    return jnp.sqrt(layer_dot(x, x, lo))
-
-
-def _check_params(updates: Any, params: Any) -> None:
-    if params is None:
-        raise ValueError(NO_PARAMS_MSG)
-    check_same_structure(updates, params, "updates")
 
 
 def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
@@ -101,7 +91,7 @@ def project_orthogonal(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _check_params(updates, params)
+        check_params(updates, params)
 
         def project(lo, s, w):
             if not lo.is_layer:
@@ -142,7 +132,7 @@ def scale_to_weight_norm(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _check_params(updates, params)
+        check_params(updates, params)
 
         def scale(lo, s, w):
             if not lo.is_layer:
@@ -194,7 +184,7 @@ def project_to_initial_norm(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _check_params(updates, params)
+        check_params(updates, params)
 
         def project(lo, u, w, n0):
             if not lo.is_layer:
@@ -254,7 +244,7 @@ def cap_norm_increase(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _check_params(updates, params)
+        check_params(updates, params)
 
         def cap(lo, u, w, n0):
             if not lo.is_layer:
@@ -409,7 +399,7 @@ def scale_by_layca(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _check_params(updates, params)
+        check_params(updates, params)
         lr = value_at(learning_rate, state.count).astype(jnp.float32)
         a_t = value_at(alpha, state.count)
 

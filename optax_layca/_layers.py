@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._base import NO_PARAMS_MSG
 from ._custom_types import IsLayer, LayerAxis, LayerOrder
 
 LAYER_NAMES = ("kernel", "embedding", "w")
@@ -200,6 +201,28 @@ class Layering:
         return tuple(lo.path for lo in self.layouts(tree) if lo.is_layer)
 
 
+def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
+    """Per-layer inner product in float32, with the reduced axes kept (for broadcasting)."""
+    return jnp.sum(
+        x.astype(jnp.float32) * y.astype(jnp.float32), axis=lo.reduce_axes, keepdims=True
+    )
+
+
+def layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
+    """Per-layer Euclidean norm in float32, reduced axes kept."""
+    return jnp.sqrt(layer_dot(x, x, lo))
+
+
+def kept_shape(lo: LeafLayout, shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of one per-layer figure of a leaf: its axes that are not reduced."""
+    return tuple(int(n) for i, n in enumerate(shape) if i not in lo.reduce_axes)
+
+
+def squeeze_reduced(x: jax.Array, lo: LeafLayout) -> jax.Array:
+    """Drops the (size-1) reduced axes of a keepdims per-layer reduction."""
+    return jnp.squeeze(x, axis=lo.reduce_axes) if lo.reduce_axes else x
+
+
 def layer_paths(params: Any, is_layer: IsLayer = None) -> tuple[str, ...]:
     """Paths of the layer leaves of ``params`` in ``jax.tree`` order.
 
@@ -226,6 +249,13 @@ def check_same_structure(tree: Any, reference: Any, name: str, ref_name: str = "
     raise ValueError(
         f"`{name}` and `{ref_name}` must have the same tree structure.{detail or ' ' + str(s1)}"
     )
+
+
+def check_params(updates: Any, params: Any) -> None:
+    """Raises unless ``params`` is given and has the structure of ``updates``."""
+    if params is None:
+        raise ValueError(NO_PARAMS_MSG)
+    check_same_structure(updates, params, "updates")
 
 
 def resolve_layer_order(

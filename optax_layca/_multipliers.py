@@ -1,4 +1,4 @@
-"""The α layer-wise learning-rate multipliers of Eq. 1 (seed 000, §4)."""
+"""The α layer-wise learning-rate multipliers (Carbonnelle & De Vleeschouwer, 2019, Eq. 1)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._base import is_concrete, value_at
 from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
 from ._layers import Layering, check_same_structure, layer_depths
-
-NO_PARAMS_MSG = (
-    "This transform reads the current parameters: call `update(updates, state, params)`."
-)
-
-
-def is_concrete(x: Any) -> bool:
-    """True for Python numbers and arrays that are not being traced."""
-    return not isinstance(x, jax.core.Tracer)
 
 
 def check_alpha(alpha: Any, where: str) -> None:
@@ -89,11 +81,6 @@ def layer_multipliers(alpha: float | jax.Array, num_layers: int) -> jax.Array:
     if num_layers < 1:
         raise ValueError(f"`num_layers` must be >= 1; got {num_layers}.")
     return multiplier_at_depth(alpha, jnp.arange(num_layers), num_layers)
-
-
-def value_at(x: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """Value of a scalar-or-schedule at step ``count``."""
-    return jnp.asarray(x(count) if callable(x) else x)
 
 
 class ScaleByLayerMultipliersState(NamedTuple):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._base import is_concrete
 from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
 from ._layca import (
     DEFAULT_PARALLEL_TOL,
@@ -17,7 +18,7 @@ from ._layca import (
     scale_to_weight_norm,
 )
 from ._layers import Layering
-from ._multipliers import check_alpha, is_concrete, scale_by_layer_multipliers
+from ._multipliers import check_alpha, scale_by_layer_multipliers
 
 BASE_SIGN_MSG = (
     "`base` returned a step pointing *against* the gradient: it looks like a full optimizer "
@@ -51,7 +52,8 @@ def _check_base_direction(base: optax.GradientTransformation) -> optax.GradientT
     return optax.GradientTransformationExtraArgs(init_fn, base.update)
 
 
-def _base(base: optax.GradientTransformation | None, check_base: bool):
+def base_direction(base: optax.GradientTransformation | None, check_base: bool):
+    """``base`` as a direction transform (identity for None), probed for the sign error."""
     if base is None:
         return optax.identity()
     if not isinstance(base, optax.GradientTransformation):
@@ -151,12 +153,12 @@ def layca(
     kw = dict(is_layer=is_layer, layer_axis=layer_axis, per_unit=per_unit)
     if fused:
         return optax.chain(
-            _base(base, check_base),
+            base_direction(base, check_base),
             scale_by_layca(learning_rate, alpha, layer_order, non_layer=non_layer,
                            parallel_tol=parallel_tol, **kw),
         )
     return optax.chain(
-        _base(base, check_base),
+        base_direction(base, check_base),
         project_orthogonal(parallel_tol=parallel_tol, **kw),
         scale_to_weight_norm(**kw),
         scale_by_layer_multipliers(alpha, layer_order, is_layer=is_layer, layer_axis=layer_axis),
@@ -226,7 +228,7 @@ def lars(
     layering = Layering(is_layer, layer_axis, per_unit)
     kw = dict(is_layer=is_layer, layer_axis=layer_axis, per_unit=per_unit)
     return optax.chain(
-        _base(base, check_base),
+        base_direction(base, check_base),
         scale_to_weight_norm(**kw),
         scale_by_layer_multipliers(alpha, layer_order, is_layer=is_layer, layer_axis=layer_axis),
         optax.scale_by_learning_rate(learning_rate),
@@ -238,7 +240,7 @@ def lars(
 def sgd_amom(
     learning_rate: ScalarOrSchedule, momentum: float = 0.9
 ) -> optax.GradientTransformationExtraArgs:
-    r"""SGD with Adam's first-moment scheme and no bias correction (seed 000, B.4).
+    r"""SGD with Adam's first-moment scheme and no bias correction (Carbonnelle & De Vleeschouwer, 2019, App. B.4).
 
     .. math::
       v_t = m\, v_{t-1} + (1 - m)\, g_t, \qquad w \leftarrow w - \rho\, v_t

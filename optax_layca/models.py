@@ -6,8 +6,8 @@ trailing channel axis (``(N, H, W, C)`` images get 2-D convolutions, ``(N, L, C)
 such as MNIST-1D get 1-D ones), so every model runs on every embedded dataset.
 
 =============  ===========================================================================
-``"fc"``       :class:`FCNet`, the LCA paper's fully connected net ``in-100-50-10`` (seed 004)
-``"mlp"``      :class:`MLP`, one hidden layer, for feature pictures (seed 002 §6)
+``"fc"``       :class:`FCNet`, the LCA paper's fully connected net ``in-100-50-10`` (Lan et al., 2019)
+``"mlp"``      :class:`MLP`, one hidden layer, for feature pictures (Carbonnelle & De Vleeschouwer, extended version, 2019 §6)
 ``"cnn"``      :class:`SmallCNN`, conv-conv-pool-conv-conv-global-pool-dense
 ``"resnet"``   :class:`SmallResNet`, a stem conv, residual blocks whose shortcut is a
                convolution whenever shape changes, a dense head
@@ -64,7 +64,7 @@ class FCNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """One-hidden-layer ReLU perceptron (seed 002 §6 visualises its first-layer features).
+    """One-hidden-layer ReLU perceptron (Carbonnelle & De Vleeschouwer, extended version, 2019 §6 visualises its first-layer features).
 
     Examples:
       >>> import jax, jax.numpy as jnp

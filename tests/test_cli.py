@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from optax_layca import _report, cli
+from optax_layca.app import _report, cli
 
 OPTIMIZERS = cli.DEMO_OPTIMIZERS
 

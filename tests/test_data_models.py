@@ -90,7 +90,7 @@ def test_batching_never_drops_a_sample(n, bs):
 
 def test_masked_padding_gives_the_partial_batch_gradient():
     """The padded last batch with a masked mean has exactly the partial batch's gradient."""
-    from optax_layca.cli import _loss_fn
+    from optax_layca.app.cli import _loss_fn
 
     model = get_model("fc", num_classes=10)
     ds = load_dataset("digits")

@@ -114,20 +114,21 @@ def test_error_table_and_figures_on_mlp(tmp_path):
     assert s["num_unconverged"] == 0 and abs(s["cumulative_error_pct"]) < 1.0
     assert h.per_class.shape == (6, 3, 4) and h.per_param["Dense_0/kernel"].shape == (6, 6, 12)
     figs = [
-        oplot.lca_per_layer(h),
-        oplot.helping_fraction(h),
-        oplot.lca_heatmap(h, "Dense_0/kernel", 2),
-        oplot.lca_heatmap(h, "Dense_1/bias", cumulative=True),
-        oplot.moments_raster(lca.moments_of_learning(h, k=2, num_shuffles=5)),
-        oplot.moments_raster(
+        oplot.lca_per_layer_figure(h),
+        oplot.helping_fraction_figure(h),
+        oplot.lca_heatmap_figure(h, "Dense_0/kernel", 2),
+        oplot.lca_heatmap_figure(h, "Dense_1/bias", cumulative=True),
+        oplot.moments_raster_figure(lca.moments_of_learning(h, k=2, num_shuffles=5)),
+        oplot.moments_raster_figure(
             lca.moments_of_learning(h.per_layer, k=2, num_shuffles=5), layer_names=h.layer_names
         ),
     ]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
-    for name in ("lca_per_layer", "helping_fraction", "lca_heatmap", "moments_raster"):
+    for name in ("lca_per_layer_figure", "helping_fraction_figure", "lca_heatmap_figure",
+                 "moments_raster_figure"):
         assert name in oplot._lca.__all__
     with pytest.raises(ValueError, match="not a parameter leaf"):
-        oplot.lca_heatmap(h, "nope")
+        oplot.lca_heatmap_figure(h, "nope")
     import matplotlib.pyplot as plt
 
     plt.close("all")

@@ -66,7 +66,7 @@ def line_data(ax):
 
 def test_rotation_curves_content(tmp_path):
     hist = fake_history()
-    fig = plot.rotation_curves(hist, title="adam")
+    fig = plot.rotation_curves_figure(hist, title="adam")
     ax = fig.axes[0]
     lines = line_data(ax)
     assert [ln.get_label() for ln in lines] == LAYERS  # one line per layer, forward order
@@ -86,7 +86,7 @@ def test_rotation_curves_content(tmp_path):
 
 def test_rotation_curves_panels_log_x_epoch_and_accuracy(tmp_path):
     runs = {"sgd": fake_history(), "layca": fake_history(scale=0.5)}
-    fig = plot.rotation_curves(
+    fig = plot.rotation_curves_figure(
         runs, log_x=True, x="epoch", accuracies={"sgd": 0.812, "layca": 90.0}
     )
     assert len(fig.axes) == 2
@@ -98,35 +98,35 @@ def test_rotation_curves_panels_log_x_epoch_and_accuracy(tmp_path):
         np.testing.assert_array_equal(line_data(ax)[0].get_xdata(), [1, 2, 3, 4])
     # given axes are used
     fig2, axes = plt.subplots(1, 2)
-    assert plot.rotation_curves(runs, ax=axes) is fig2
+    assert plot.rotation_curves_figure(runs, ax=axes) is fig2
     with pytest.raises(ValueError, match="must hold 2 axes"):
-        plot.rotation_curves(runs, ax=axes[0])
+        plot.rotation_curves_figure(runs, ax=axes[0])
     # a saved history path works too
     path = runs["sgd"].save(tmp_path / "h.npz")
-    assert len(line_data(plot.rotation_curves(path).axes[0])) == len(LAYERS)
+    assert len(line_data(plot.rotation_curves_figure(path).axes[0])) == len(LAYERS)
 
 
 def test_rotation_curves_errors():
     with pytest.raises(ValueError, match="empty"):
-        plot.rotation_curves(RotationHistory())
+        plot.rotation_curves_figure(RotationHistory())
     with pytest.raises(ValueError, match="unknown layers"):
-        plot.rotation_curves(fake_history(), layer_order=["nope/kernel"])
+        plot.rotation_curves_figure(fake_history(), layer_order=["nope/kernel"])
     with pytest.raises(TypeError, match="RotationHistory"):
-        plot.rotation_curves([1, 2])
+        plot.rotation_curves_figure([1, 2])
     with pytest.raises(ValueError, match="x="):
-        plot.rotation_curves(fake_history(), x="time")
+        plot.rotation_curves_figure(fake_history(), x="time")
 
 
 def test_epoch_rotation_and_layer_norms():
     hist = trained_history()
-    fig = plot.epoch_rotation(hist)
+    fig = plot.epoch_rotation_figure(hist)
     ax = fig.axes[0]
     lines = line_data(ax)
     assert len(lines) == len(LAYERS) and ax.get_yscale() == "log"
     epochs, rot_per_epoch = hist.per_epoch_rotation()
     np.testing.assert_array_equal(lines[0].get_xdata(), epochs)
     np.testing.assert_allclose(lines[2].get_ydata(), rot_per_epoch[LAYERS[2]])
-    fig = plot.layer_norms(hist, names=("grad_norm", "weight_norm", "update_norm"))
+    fig = plot.layer_norms_figure(hist, names=("grad_norm", "weight_norm", "update_norm"))
     assert len(fig.axes) == 3
     assert [ax.get_ylabel() for ax in fig.axes] == ["grad norm", "weight norm", "update norm"]
     assert all(len(line_data(ax)) == len(LAYERS) for ax in fig.axes)
@@ -134,9 +134,9 @@ def test_epoch_rotation_and_layer_norms():
         line_data(fig.axes[1])[3].get_ydata(), hist.get("weight_norm")[LAYERS[3]]
     )
     with pytest.raises(ValueError, match="per-epoch rotation"):
-        plot.epoch_rotation(fake_history())
+        plot.epoch_rotation_figure(fake_history())
     with pytest.raises(ValueError, match="Unknown figure"):
-        plot.layer_norms(hist, names=["loss"])
+        plot.layer_norms_figure(hist, names=["loss"])
 
 
 def test_moment_percentiles():
@@ -146,7 +146,7 @@ def test_moment_percentiles():
         }
         for e in (1, 10)
     }
-    fig = plot.moment_percentiles(snaps)
+    fig = plot.moment_percentiles_figure(snaps)
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     # two errorbar containers, medians at the bullets
@@ -154,14 +154,14 @@ def test_moment_percentiles():
     assert len(bullets) == 2
     np.testing.assert_allclose(bullets[0].get_ydata(), [2.0 * 10.0 ** (-i - 1) for i in range(4)])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["epoch 1", "epoch 10"]
-    single = plot.moment_percentiles(snaps["epoch 1"])
+    single = plot.moment_percentiles_figure(snaps["epoch 1"])
     assert len([ln for ln in single.axes[0].get_lines() if ln.get_marker() == "o"]) == 1
     with pytest.raises(ValueError, match="at least one"):
-        plot.moment_percentiles({})
+        plot.moment_percentiles_figure({})
 
 
 def test_layer_multipliers_figure():
-    fig = plot.layer_multipliers([-0.5, 0.0, 0.5], 6)
+    fig = plot.layer_multipliers_figure([-0.5, 0.0, 0.5], 6)
     lines = line_data(fig.axes[0])
     assert len(lines) == 3
     np.testing.assert_allclose(
@@ -175,14 +175,14 @@ def test_layer_multipliers_figure():
 
 def test_convergence_rates_bars():
     rates = {p: float(i + 1) for i, p in enumerate(reversed(LAYERS))}
-    fig = plot.convergence_rates(rates)
+    fig = plot.convergence_rates_figure(rates)
     ax = fig.axes[0]
     heights = [b.get_height() for b in ax.patches]
     assert heights == [rates[p] for p in LAYERS]  # natural order
     colors = [b.get_facecolor() for b in ax.patches]
     assert colors[0] == colormaps["viridis"](0.0)
     with pytest.raises(ValueError, match="at least one"):
-        plot.convergence_rates({})
+        plot.convergence_rates_figure({})
 
 
 def test_all_listed():
@@ -190,12 +190,12 @@ def test_all_listed():
 
     assert sorted(_rotation.__all__) == sorted(
         [
-            "rotation_curves",
-            "epoch_rotation",
-            "layer_norms",
-            "moment_percentiles",
-            "layer_multipliers",
-            "convergence_rates",
+            "rotation_curves_figure",
+            "epoch_rotation_figure",
+            "layer_norms_figure",
+            "moment_percentiles_figure",
+            "layer_multipliers_figure",
+            "convergence_rates_figure",
         ]
     )
     for name in _rotation.__all__:

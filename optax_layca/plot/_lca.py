@@ -1,4 +1,4 @@
-"""Loss Change Allocation figures (seed 004 Figs. 2–6). Each takes an
+"""Loss Change Allocation figures (Lan et al., 2019 Figs. 2–6). Each takes an
 :class:`optax_layca.lca.LCAHistory` (or what the docstring names) and returns a Figure."""
 
 from __future__ import annotations
@@ -7,19 +7,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["helping_fraction", "lca_heatmap", "lca_per_layer", "moments_raster"]
+from ._common import figure_axes
+
+__all__ = ["helping_fraction_figure", "lca_heatmap_figure", "lca_per_layer_figure", "moments_raster_figure"]
 
 
-def _fig_ax(ax, **kw):
-    import matplotlib.pyplot as plt
-
-    if ax is not None:
-        return ax.figure, ax
-    return plt.subplots(**kw)
-
-
-def lca_per_layer(history: Any, *, ax=None, layers: Any = None):
-    """Bars of each leaf's cumulative LCA over the run (seed 004 Fig. 4, S11).
+def lca_per_layer_figure(history: Any, *, ax=None, layers: Any = None):
+    """Bars of each leaf's cumulative LCA over the run (Lan et al., 2019 Fig. 4, S11).
 
     Requires: an ``LCAHistory`` (``per_layer``). Negative bars helped, positive bars hurt.
     ``layers``: optional subset/order of leaf paths (e.g. kernels in forward order).
@@ -30,19 +24,18 @@ def lca_per_layer(history: Any, *, ax=None, layers: Any = None):
     names = list(layers) if layers is not None else list(h.layer_names)
     idx = [h.layer_names.index(n) for n in names]
     totals = h.per_layer[:, idx].sum(axis=0)
-    fig, ax = _fig_ax(ax, figsize=(max(4, 0.6 * len(names)), 3))
+    fig, (ax,) = figure_axes(ax, width=max(4, 0.6 * len(names)), height=3)
     colors = ["tab:blue" if v <= 0 else "tab:red" for v in totals]
     ax.bar(range(len(names)), totals, color=colors)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("cumulative LCA")
     ax.set_title("LCA per layer (negative = helped)")
-    fig.tight_layout()
     return fig
 
 
-def helping_fraction(history: Any, *, ax=None, zero_tol: float = 0.0):
-    """Fractions of parameters helping / hurting / zero over iterations (seed 004 Fig. 3a).
+def helping_fraction_figure(history: Any, *, ax=None, zero_tol: float = 0.0):
+    """Fractions of parameters helping / hurting / zero over iterations (Lan et al., 2019 Fig. 3a).
 
     Requires: per-parameter LCA (``grad`` engine, ``store_per_param=True`` on disk).
     """
@@ -52,7 +45,7 @@ def helping_fraction(history: Any, *, ax=None, zero_tol: float = 0.0):
     h = _history(history)
     f = fractions(h, zero_tol=zero_tol)
     t = h._iters()
-    fig, ax = _fig_ax(ax, figsize=(5, 3))
+    fig, (ax,) = figure_axes(ax, width=5, height=3)
     ax.stackplot(
         t,
         f.helping,
@@ -67,19 +60,18 @@ def helping_fraction(history: Any, *, ax=None, zero_tol: float = 0.0):
     ax.set_xlabel("iteration")
     ax.set_ylabel("fraction of parameters")
     ax.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
     return fig
 
 
-def lca_heatmap(history: Any, path: str, iteration: int = -1, *, ax=None, cumulative=False):
-    """Heat map of one leaf's per-parameter LCA at an iteration (seed 004 Fig. 2).
+def lca_heatmap_figure(history: Any, path: str, iteration: int = -1, *, ax=None, cumulative=False):
+    """Heat map of one leaf's per-parameter LCA at an iteration (Lan et al., 2019 Fig. 2).
 
     Requires: per-parameter LCA. A kernel ``[in, out]`` is shown as a matrix (other shapes are
     reshaped to ``[-1, last]``); blue helps, red hurts. ``cumulative`` sums up to ``iteration``.
     """
     from ..lca._analysis import _history, _per_param
 
-    pp = _per_param(_history(history), "lca_heatmap")
+    pp = _per_param(_history(history), "lca_heatmap_figure")
     if path not in pp:
         raise ValueError(f"`path={path!r}` is not a parameter leaf; leaves: {list(pp)}.")
     x = pp[path]
@@ -87,7 +79,7 @@ def lca_heatmap(history: Any, path: str, iteration: int = -1, *, ax=None, cumula
     v = x[: t + 1].sum(0) if cumulative else x[t]
     v = v.reshape(1, -1) if v.ndim < 2 else v.reshape(-1, v.shape[-1])
     lim = float(np.max(np.abs(v))) or 1.0
-    fig, ax = _fig_ax(ax, figsize=(4, 4))
+    fig, (ax,) = figure_axes(ax, width=4, height=4)
     im = ax.imshow(v, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="LCA")
     ax.set_title(f"{path} @ iteration {t}" + (" (cumulative)" if cumulative else ""))
@@ -96,8 +88,8 @@ def lca_heatmap(history: Any, path: str, iteration: int = -1, *, ax=None, cumula
     return fig
 
 
-def moments_raster(moments: Any, *, ax=None, layer_names=None, class_index: int | None = None):
-    """Raster of moments of learning per layer; synchronized moments in red (seed 004 Fig. 6).
+def moments_raster_figure(moments: Any, *, ax=None, layer_names=None, class_index: int | None = None):
+    """Raster of moments of learning per layer; synchronized moments in red (Lan et al., 2019 Fig. 6).
 
     Requires: the ``Moments`` of :func:`optax_layca.lca.moments_of_learning`. For per-class
     moments pass ``class_index`` (default: all classes, one row block each).
@@ -108,7 +100,7 @@ def moments_raster(moments: Any, *, ax=None, layer_names=None, class_index: int 
     if class_index is not None:
         m, s = m[class_index : class_index + 1], s[class_index : class_index + 1]
     c, _, k = m.shape
-    fig, ax = _fig_ax(ax, figsize=(7, 0.25 * c * k + 1.2))
+    fig, (ax,) = figure_axes(ax, width=7, height=0.25 * c * k + 1.2)
     for ci in range(c):
         for j in range(k):
             row = ci * (k + 1) + j
@@ -124,5 +116,4 @@ def moments_raster(moments: Any, *, ax=None, layer_names=None, class_index: int 
         f"moments of learning ({moments.num_synchronized} synchronized, "
         f"baseline {np.mean(moments.baseline):.1f}, p={moments.p_value:.3g})"
     )
-    fig.tight_layout()
     return fig

@@ -1,4 +1,5 @@
-"""Layer-rotation figures (issue 4): seed 000 Fig. 2b/4/5, 10, 11, 12; seed 003 rates.
+"""Layer-rotation figures: Carbonnelle & De Vleeschouwer (2019) Fig. 2b/4/5, 10, 11, 12;
+Chen et al. (2023) layer-wise convergence rates.
 
 Every function takes its measurement (a live :class:`~optax_layca.rotation.RotationHistory`
 or one loaded with ``RotationHistory.load``, or plain dicts), accepts ``ax=`` and returns a
@@ -13,39 +14,16 @@ from typing import Any
 
 import numpy as np
 
+from ._common import depth_colors, figure_axes, ordered_layers
+
 __all__ = [
-    "convergence_rates",
-    "epoch_rotation",
-    "layer_multipliers",
-    "layer_norms",
-    "moment_percentiles",
-    "rotation_curves",
+    "convergence_rates_figure",
+    "epoch_rotation_figure",
+    "layer_multipliers_figure",
+    "layer_norms_figure",
+    "moment_percentiles_figure",
+    "rotation_curves_figure",
 ]
-
-
-def _plt():
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _colors(n: int) -> list:
-    """Viridis by depth, first layer darkest."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"]
-    return [cmap(0.0 if n == 1 else i / (n - 1)) for i in range(n)]
-
-
-def _axes(ax, n: int = 1, *, width: float = 4.0, height: float = 3.2):
-    """``(fig, [axes])``: the given axes (one, or a sequence of ``n``) or a new row of ``n``."""
-    if ax is not None:
-        axes = list(np.ravel(ax)) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
-        if len(axes) != n:
-            raise ValueError(f"`ax=` must hold {n} axes for this figure; got {len(axes)}.")
-        return axes[0].figure, axes
-    fig, axes = _plt().subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
 
 
 def _history(obj: Any, where: str):
@@ -59,18 +37,6 @@ def _history(obj: Any, where: str):
             f"{type(obj).__name__}."
         )
     return obj
-
-
-def _order(available: Sequence[str], layer_order: Sequence[str] | None, where: str) -> list[str]:
-    if layer_order is None:
-        return list(available)
-    unknown = [p for p in layer_order if p not in available]
-    if unknown:
-        raise ValueError(
-            f"`{where}(layer_order=...)` names unknown layers {unknown}; layers are "
-            f"{list(available)}."
-        )
-    return list(layer_order)
 
 
 def _lines(values: np.ndarray, path: str) -> list[tuple[str, np.ndarray]]:
@@ -97,7 +63,7 @@ def _x_axis(hist, x: str, steps_per_epoch: int | None = None):
 
 
 def _plot_layers(ax, x, series: list[tuple[str, np.ndarray]], log_x: bool, legend: bool):
-    colors = _colors(len(series))
+    colors = depth_colors(len(series))
     for (label, y), color in zip(series, colors):
         ax.plot(x, y, color=color, label=label, lw=1.5)
     if log_x:
@@ -110,7 +76,7 @@ def _depth_colorbar(fig, axes, n: int) -> None:
     """One discrete colour per layer (the lines' viridis), ticks at the layer depths."""
     import matplotlib as mpl
 
-    cmap = mpl.colors.ListedColormap(_colors(n))
+    cmap = mpl.colors.ListedColormap(depth_colors(n))
     norm = mpl.colors.BoundaryNorm(np.arange(n + 1) - 0.5, n)
     bar = fig.colorbar(
         mpl.cm.ScalarMappable(cmap=cmap, norm=norm),
@@ -122,7 +88,7 @@ def _depth_colorbar(fig, axes, n: int) -> None:
     bar.set_label("layer depth (0 = input)")
 
 
-def rotation_curves(
+def rotation_curves_figure(
     history: Any,
     *,
     ax=None,
@@ -137,7 +103,7 @@ def rotation_curves(
 ):
     """Layer rotation curves: cosine distance to init vs step, one line per layer.
 
-    Seed 000, Fig. 2b/4/5 ("layer-wise angle deviation curves"). Lines are coloured by depth
+    Carbonnelle & De Vleeschouwer, 2019, Fig. 2b/4/5 ("layer-wise angle deviation curves"). Lines are coloured by depth
     (viridis, first layer darkest); y spans ``[0, 1]``.
 
     **Requires** the ``cosine_distance`` figure of :func:`~optax_layca.rotation.track_rotation`
@@ -163,21 +129,21 @@ def rotation_curves(
     """
     runs = dict(history) if isinstance(history, Mapping) else {title or "": history}
     if not runs:
-        raise ValueError("`rotation_curves` needs at least one history.")
+        raise ValueError("`rotation_curves_figure` needs at least one history.")
     if accuracies is not None and not isinstance(accuracies, Mapping):
         if len(runs) != 1:
             raise ValueError("`accuracies=` must be a {run name: accuracy} dict for several runs.")
         accuracies = {next(iter(runs)): float(accuracies)}
     if steps_per_epoch is not None and not steps_per_epoch > 0:
         raise ValueError(f"`steps_per_epoch=` must be > 0; got {steps_per_epoch!r}.")
-    fig, axes = _axes(ax, len(runs))
+    fig, axes = figure_axes(ax, len(runs))
     num_lines = 0
     for panel, (name, hist) in zip(axes, runs.items()):
-        hist = _history(hist, "rotation_curves")
+        hist = _history(hist, "rotation_curves_figure")
         xs, keep, xlabel = _x_axis(hist, x, steps_per_epoch)
         data = hist.get("cosine_distance")
         series = []
-        for path in _order(list(data), layer_order, "rotation_curves"):
+        for path in ordered_layers(list(data), layer_order, "rotation_curves_figure"):
             series += _lines(data[path][keep], path)
         if log_x:
             pos = xs > 0
@@ -198,7 +164,7 @@ def rotation_curves(
     return fig
 
 
-def epoch_rotation(
+def epoch_rotation_figure(
     history: Any,
     *,
     ax=None,
@@ -209,7 +175,7 @@ def epoch_rotation(
 ):
     """Rotation per epoch: cosine distance between each layer at the start and end of an epoch.
 
-    Seed 000, Fig. 10 row 1. **Requires** ``RotationHistory.record(..., epoch=e,
+    Carbonnelle & De Vleeschouwer, 2019, Fig. 10 row 1. **Requires** ``RotationHistory.record(..., epoch=e,
     params=params)`` at each epoch end (see ``RotationHistory.per_epoch_rotation``).
 
     Args:
@@ -227,16 +193,16 @@ def epoch_rotation(
     """
     runs = dict(history) if isinstance(history, Mapping) else {"": history}
     if not runs:
-        raise ValueError("`epoch_rotation` needs at least one history.")
-    fig, axes = _axes(ax, len(runs))
+        raise ValueError("`epoch_rotation_figure` needs at least one history.")
+    fig, axes = figure_axes(ax, len(runs))
     num_lines = 0
     for panel, (name, hist) in zip(axes, runs.items()):
         if isinstance(hist, tuple) and len(hist) == 2:
             epochs, rot = np.asarray(hist[0]), dict(hist[1])
         else:
-            epochs, rot = _history(hist, "epoch_rotation").per_epoch_rotation()
+            epochs, rot = _history(hist, "epoch_rotation_figure").per_epoch_rotation()
         series = []
-        for path in _order(list(rot), layer_order, "epoch_rotation"):
+        for path in ordered_layers(list(rot), layer_order, "epoch_rotation_figure"):
             series += _lines(rot[path], path)
         _plot_layers(panel, epochs, series, False, legend and panel is axes[0])
         num_lines = max(num_lines, len(series))
@@ -251,7 +217,7 @@ def epoch_rotation(
     return fig
 
 
-def layer_norms(
+def layer_norms_figure(
     history: Any,
     *,
     names: Sequence[str] = ("grad_norm", "weight_norm"),
@@ -261,7 +227,7 @@ def layer_norms(
     layer_order: Sequence[str] | None = None,
     legend: bool = True,
 ):
-    """Per-layer norms over training, one panel per figure name (seed 000, Fig. 10 rows 2–3).
+    """Per-layer norms over training, one panel per figure name (Carbonnelle & De Vleeschouwer, 2019, Fig. 10 rows 2–3).
 
     **Requires** the ``grad_norm`` / ``weight_norm`` / ``update_norm`` figures of
     :func:`~optax_layca.rotation.track_rotation` in a ``RotationHistory`` (``grad_norm`` is
@@ -276,14 +242,14 @@ def layer_norms(
     Returns:
       The ``matplotlib.figure.Figure``.
     """
-    hist = _history(history, "layer_norms")
+    hist = _history(history, "layer_norms_figure")
     names = [names] if isinstance(names, str) else list(names)
-    fig, axes = _axes(ax, len(names))
+    fig, axes = figure_axes(ax, len(names))
     xs, keep, xlabel = _x_axis(hist, x)
     for panel, name in zip(axes, names):
         data = hist.get(name)
         series = []
-        for path in _order(list(data), layer_order, "layer_norms"):
+        for path in ordered_layers(list(data), layer_order, "layer_norms_figure"):
             series += _lines(data[path][keep], path)
         _plot_layers(panel, xs, series, False, legend and panel is axes[0])
         if log_y:
@@ -293,14 +259,14 @@ def layer_norms(
     return fig
 
 
-def moment_percentiles(
+def moment_percentiles_figure(
     percentiles: Mapping[Any, Mapping[str, Any]] | Mapping[str, Any],
     *,
     ax=None,
     layer_order: Sequence[str] | None = None,
     log_y: bool = True,
 ):
-    """Adam's second-moment estimate per layer: 10/50/90th percentiles (seed 000, Fig. 11).
+    """Adam's second-moment estimate per layer: 10/50/90th percentiles (Carbonnelle & De Vleeschouwer, 2019, Fig. 11).
 
     For each layer index: a bullet at the median and a bar from the 10th to the 90th
     percentile; several snapshots (e.g. epochs 1, 10, 50) side by side, coloured with viridis.
@@ -312,16 +278,16 @@ def moment_percentiles(
       The ``matplotlib.figure.Figure``.
     """
     if not percentiles:
-        raise ValueError("`moment_percentiles` needs at least one layer.")
+        raise ValueError("`moment_percentiles_figure` needs at least one layer.")
     first = next(iter(percentiles.values()))
     snaps = dict(percentiles) if isinstance(first, Mapping) else {"": percentiles}
-    fig, (axis,) = _axes(ax)
-    colors = _colors(len(snaps))
+    fig, (axis,) = figure_axes(ax)
+    colors = depth_colors(len(snaps))
     width = 0.6 / max(len(snaps), 1)
     for k, ((label, snap), color) in enumerate(zip(snaps.items(), colors)):
         from .._layers import natural_order
 
-        paths = _order(natural_order(snap), layer_order, "moment_percentiles")
+        paths = ordered_layers(natural_order(snap), layer_order, "moment_percentiles_figure")
         vals = np.stack([np.asarray(snap[p], float).reshape(-1, 3)[0] for p in paths])
         xs = np.arange(len(paths)) + (k - (len(snaps) - 1) / 2) * width
         axis.errorbar(
@@ -343,13 +309,13 @@ def moment_percentiles(
     return fig
 
 
-def layer_multipliers(
+def layer_multipliers_figure(
     alphas: Sequence[float] | float,
     num_layers: int,
     *,
     ax=None,
 ):
-    """Eq. 1 multipliers vs layer index, one line per α (seed 000, Fig. 12).
+    """Eq. 1 multipliers vs layer index, one line per α (Carbonnelle & De Vleeschouwer, 2019, Fig. 12).
 
     Lines for negative α (first layers prioritised) and positive α (last layers) share one
     axes, coloured with viridis in the order given.
@@ -361,9 +327,9 @@ def layer_multipliers(
 
     alphas = [alphas] if np.ndim(alphas) == 0 else list(alphas)
     if not alphas:
-        raise ValueError("`layer_multipliers` needs at least one α.")
-    fig, (axis,) = _axes(ax)
-    for alpha, color in zip(alphas, _colors(len(alphas))):
+        raise ValueError("`layer_multipliers_figure` needs at least one α.")
+    fig, (axis,) = figure_axes(ax)
+    for alpha, color in zip(alphas, depth_colors(len(alphas))):
         m = np.asarray(multipliers(alpha, num_layers))
         axis.plot(np.arange(num_layers), m, "o-", color=color, label=f"α = {alpha:g}", ms=3)
     axis.set_ylim(0.0, 1.05)
@@ -373,13 +339,13 @@ def layer_multipliers(
     return fig
 
 
-def convergence_rates(
+def convergence_rates_figure(
     rates: Mapping[str, Any],
     *,
     ax=None,
     layer_order: Sequence[str] | None = None,
 ):
-    """Layer-wise convergence rate per layer as bars (seed 003, Fig. 1 style).
+    """Layer-wise convergence rate per layer as bars (Chen et al., 2023, Fig. 1 style).
 
     **Requires** :func:`~optax_layca.rotation.layer_convergence_rate` output
     ``{layer path: C_l}`` (a scalar per layer). Bars follow ``layer_order`` (default: natural
@@ -391,11 +357,11 @@ def convergence_rates(
     from .._layers import natural_order
 
     if not rates:
-        raise ValueError("`convergence_rates` needs at least one layer.")
-    paths = _order(natural_order(rates), layer_order, "convergence_rates")
+        raise ValueError("`convergence_rates_figure` needs at least one layer.")
+    paths = ordered_layers(natural_order(rates), layer_order, "convergence_rates_figure")
     vals = [float(np.mean(rates[p])) for p in paths]
-    fig, (axis,) = _axes(ax)
-    axis.bar(np.arange(len(paths)), vals, color=_colors(len(paths)))
+    fig, (axis,) = figure_axes(ax)
+    axis.bar(np.arange(len(paths)), vals, color=depth_colors(len(paths)))
     axis.set_xticks(np.arange(len(paths)))
     axis.set_xticklabels(
         [p.split("/")[0] for p in paths], rotation=45, ha="right", fontsize="small"

@@ -45,7 +45,7 @@ def _plt():
 
 def _depth_colors(n: int) -> list:
     """Viridis colours by depth, first layer darkest: those of :mod:`optax_layca.plot`."""
-    from .plot._rotation import _colors
+    from ..plot._common import depth_colors as _colors
 
     return _colors(n)
 
@@ -87,7 +87,7 @@ def _tidy_panels(fig, axes, title: str) -> None:
 def _cosine_history(steps: Sequence[int], values: Any, layers: Sequence[str]):
     """A :class:`~optax_layca.rotation.RotationHistory` of the cosine distance to init,
     ``values[t, l]`` of layer ``layers[l]`` recorded at ``steps[t]``."""
-    from .rotation import RotationHistory
+    from ..rotation import RotationHistory
 
     hist = RotationHistory()
     for step, row in zip(steps, np.asarray(values, np.float32)):
@@ -115,13 +115,13 @@ def rotation_curves_figure(results: dict[str, Any], *, log_x: bool = False):
 
     Draws :func:`optax_layca.plot.rotation_curves` over :func:`rotation_histories`. Requires
     ``results["optimizers"][k]["cosine_distance"]`` (``step``, ``values``), ``["final"]`` and
-    ``results["layers"]``. x: epochs, y: cosine distance to the initial weights (seed 000 §3.1).
+    ``results["layers"]``. x: epochs, y: cosine distance to the initial weights (Carbonnelle & De Vleeschouwer, 2019 §3.1).
     """
-    from . import plot
+    from .. import plot
 
     runs = results["optimizers"].values()
     fig, axes = _panels(len(runs))
-    plot.rotation_curves(
+    plot.rotation_curves_figure(
         rotation_histories(results),
         ax=axes,
         x="epoch",
@@ -137,13 +137,13 @@ def rotation_curves_figure(results: dict[str, Any], *, log_x: bool = False):
 
 
 def epoch_rotation_figure(results: dict[str, Any]):
-    """Per-epoch rotation (cosine distance between the start and end of each epoch, seed 000
+    """Per-epoch rotation (cosine distance between the start and end of each epoch, Carbonnelle & De Vleeschouwer, 2019
     Fig. 10), one panel per optimizer, one line per layer, log y.
 
     Draws :func:`optax_layca.plot.epoch_rotation`. Requires
     ``results["optimizers"][k]["epoch_rotation"]`` (epochs × layers) and ``results["layers"]``.
     """
-    from . import plot
+    from .. import plot
 
     layers = results["layers"]
     runs = {}
@@ -152,7 +152,7 @@ def epoch_rotation_figure(results: dict[str, Any]):
         epochs = np.arange(1, len(rot) + 1)
         runs[run["label"]] = (epochs, {p: rot[:, l] for l, p in enumerate(layers)})
     fig, axes = _panels(len(runs))
-    plot.epoch_rotation(runs, ax=axes, layer_order=layers, legend=False, colorbar=True)
+    plot.epoch_rotation_figure(runs, ax=axes, layer_order=layers, legend=False, colorbar=True)
     _tidy_panels(fig, axes, "Per-epoch layer rotation")
     return fig
 
@@ -215,7 +215,7 @@ def uniformity(values: Sequence[float]) -> float:
     """How uniform the layers' rotations are: ``min / max`` over layers (1 = all equal).
 
     Scale-free, so a run that rotates every layer more is not called more uniform for that
-    alone (seed 000 compares *relative* rotation rates across layers).
+    alone (Carbonnelle & De Vleeschouwer, 2019 compares *relative* rotation rates across layers).
 
     Examples:
       >>> uniformity([0.2, 0.4])
@@ -280,7 +280,7 @@ def write_demo_report(results: dict[str, Any], path: str) -> None:
                 f"Layca rotates its least-rotated layer {'more' if l['cos_min'] > s['cos_max'] else 'not more'} "
                 f"than SGD its most-rotated one (cosine distance {l['cos_min']:.3f} vs "
                 f"{s['cos_max']:.3f}), and {'more' if ul > us else 'less'} uniformly across layers "
-                f"(min / max over layers {ul:.2f} vs {us:.2f}). Seed 000 (§4–5) relates large, "
+                f"(min / max over layers {ul:.2f} vs {us:.2f}). Carbonnelle & De Vleeschouwer, 2019 (§4–5) relates large, "
                 "uniform layer rotation to good generalisation."
             ),
             "",
@@ -308,7 +308,7 @@ def write_demo_report(results: dict[str, Any], path: str) -> None:
 
 
 def sweep_heatmap_figure(results: dict[str, Any]):
-    """Test accuracy as a function of α (x) and ρ(0) = 3^k (y), seed 000 Fig. 2a."""
+    """Test accuracy as a function of α (x) and ρ(0) = 3^k (y), Carbonnelle & De Vleeschouwer, 2019 Fig. 2a."""
     plt = _plt()
     ks, alphas = results["ks"], results["alphas"]
     acc = np.full((len(ks), len(alphas)), np.nan)
@@ -341,13 +341,13 @@ def sweep_heatmap_figure(results: dict[str, Any]):
 
 
 def sweep_curves_figure(results: dict[str, Any]):
-    """Layer rotation curves of every configuration (rows ρ(0), columns α), seed 000 Fig. 2b.
+    """Layer rotation curves of every configuration (rows ρ(0), columns α), Carbonnelle & De Vleeschouwer, 2019 Fig. 2b.
 
     Draws :func:`optax_layca.plot.rotation_curves` (one panel per configuration) from
     ``results["configs"][i]["epoch_cosine_distance"]`` (epochs + 1 × layers); the number in
     each panel is its test accuracy.
     """
-    from . import plot
+    from .. import plot
 
     ks, alphas, layers = results["ks"], results["alphas"], results["layers"]
     fig, grid = _plt().subplots(
@@ -364,7 +364,7 @@ def sweep_curves_figure(results: dict[str, Any]):
     for c in configs:
         cd = c["epoch_cosine_distance"]
         histories[f"3^{c['k']}, {c['alpha']:g}"] = _cosine_history(range(len(cd)), cd, layers)
-    plot.rotation_curves(
+    plot.rotation_curves_figure(
         histories,
         ax=axes,
         x="epoch",
@@ -420,7 +420,7 @@ def write_sweep_report(results: dict[str, Any], path: str) -> None:
         "",
         (
             f"Best test accuracy {best['test_acc']:.3f} at ρ(0) = 3^{best['k']}, α = {best['alpha']:g}. "
-            "Seed 000's rules of thumb: uniform rotation (α = 0) and ρ(0) as high as training "
+            "Carbonnelle & De Vleeschouwer, 2019's rules of thumb: uniform rotation (α = 0) and ρ(0) as high as training "
             "allows."
         ),
         "",
@@ -439,9 +439,9 @@ def write_sweep_report(results: dict[str, Any], path: str) -> None:
 
 def lca_curves_figure(history: Any, layers: Sequence[str]):
     """Cumulative LCA of each layer over iterations (one line per layer, coloured by depth),
-    the layer's own "loss curve" (seed 004 §4). Requires an ``LCAHistory``."""
+    the layer's own "loss curve" (Lan et al., 2019 §4). Requires an ``LCAHistory``."""
     plt = _plt()
-    from .lca import cumulative_per_layer
+    from ..lca import cumulative_per_layer
 
     cum = cumulative_per_layer(history)
     colors = _depth_colors(len(layers))
@@ -462,13 +462,13 @@ def lca_figures(history: Any, moments: Any, layers: Sequence[str], out: str) -> 
     Uses :mod:`optax_layca.plot` (per-layer bars, helping fraction, moments raster) and
     :func:`lca_curves_figure`.
     """
-    from . import plot
+    from .. import plot
 
     names = [_save(lca_curves_figure(history, layers), out, "lca_curves.png")]
-    names.append(_save(plot.lca_per_layer(history), out, "lca_per_layer.png"))
+    names.append(_save(plot.lca_per_layer_figure(history), out, "lca_per_layer.png"))
     if history.per_param is not None:
-        names.append(_save(plot.helping_fraction(history), out, "helping_fraction.png"))
-    names.append(_save(plot.moments_raster(moments, layer_names=layers), out, "moments_raster.png"))
+        names.append(_save(plot.helping_fraction_figure(history), out, "helping_fraction.png"))
+    names.append(_save(plot.moments_raster_figure(moments, layer_names=layers), out, "moments_raster.png"))
     return names
 
 
@@ -529,14 +529,14 @@ def write_lca_report(results: dict[str, Any], error_table_md: str, path: str) ->
             "",
             (
                 f"On average {100 * results['helping_fraction_mean']:.1f}% of the parameters help "
-                "in an iteration (seed 004 §3: barely more than half)."
+                "in an iteration (Lan et al., 2019 §3: barely more than half)."
             ),
             "",
             "![helping fraction](helping_fraction.png)",
             "",
         ]
     parts += [
-        "## First-order vs RK4 error (seed 004 Table S1)",
+        "## First-order vs RK4 error (Lan et al., 2019 Table S1)",
         "",
         error_table_md,
         "",

@@ -16,7 +16,7 @@ figures; ``timings`` is the only key that varies between runs with the same seed
 
 ``sweep`` trains Layca (SGD direction) for every ``ρ(0) = 3^k`` (``--ks=-5,-4,-3,-2,-1``) and
 ``α`` (``--alphas=-0.8,-0.4,0,0.4,0.8``) in one ``jax.vmap``-ed, jitted run (same init, same
-batches) and writes ``sweep_heatmap.png`` (test accuracy, seed 000 Fig. 2a),
+batches) and writes ``sweep_heatmap.png`` (test accuracy, Carbonnelle & De Vleeschouwer, 2019 Fig. 2a),
 ``sweep_curves.png`` (rotation curve grid, Fig. 2b), ``report.md`` and ``results.json``.
 
 ``lca`` trains the same initialisation with SGD (momentum 0.9, ``--lr``) and Adam for
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import DataError
+from ..data import DataError
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -109,11 +109,11 @@ def demo_optimizers(
     """The optimizers the demo compares: ``{key: (label, GradientTransformation, hparams)}``.
 
     ``scale(step)`` multiplies every learning rate (the step-decay schedule). Layca, Adam +
-    Layca and LARS use the same high, uniform rate ``ρ = 3^-3`` (α = 0) as seed 000 §4.
+    Layca and LARS use the same high, uniform rate ``ρ = 3^-3`` (α = 0) as Carbonnelle & De Vleeschouwer, 2019 §4.
     """
     import optax
 
-    from ._optimizers import lars, layca
+    from .. import lars, layca
 
     sched = lambda base_lr: lambda step: base_lr * scale(step)
     return {
@@ -148,7 +148,7 @@ def demo_optimizers(
 def _flat_layers(params: Any, order: Sequence[str]) -> list[Any]:
     import jax.tree_util as jtu
 
-    from ._layers import path_str
+    from .. import path_str
 
     flat = {path_str(p): x for p, x in jtu.tree_flatten_with_path(params)[0]}
     return [flat[p] for p in order]
@@ -161,7 +161,7 @@ def cosine_distances(params: Any, reference: Any, order: Sequence[str]):
     """
     import jax.numpy as jnp
 
-    from .rotation import layer_rotation
+    from ..rotation import layer_rotation
 
     rot = layer_rotation(params, reference, is_layer=list(order))
     return jnp.stack([jnp.asarray(rot[p], jnp.float32).reshape(()) for p in order])
@@ -303,7 +303,7 @@ def train_run(
     import jax
     import jax.numpy as jnp
 
-    from .data import epoch_batches
+    from ..data import epoch_batches
 
     t0 = time.perf_counter()
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -361,7 +361,7 @@ def train_run(
 
 
 def _load(cfg: TrainConfig):
-    from .data import load_dataset
+    from ..data import load_dataset
 
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     if cfg.num_train or cfg.num_test:
@@ -373,8 +373,8 @@ def _setup(cfg: TrainConfig):
     """Dataset, model, initial params, apply function and layer forward order."""
     import jax.numpy as jnp
 
-    from ._layers import forward_order
-    from .models import apply_fn, get_model, init_params
+    from .. import forward_order
+    from ..models import apply_fn, get_model, init_params
 
     if cfg.epochs < 1:  # the parser rejects --epochs < 1; this guards direct calls
         raise CLIError(f"--epochs (TrainConfig.epochs) must be >= 1; got {cfg.epochs}")
@@ -544,9 +544,9 @@ def run_sweep(
     import jax
     import jax.numpy as jnp
 
+    from .. import layca
+    from ..data import epoch_batches
     from . import _report
-    from ._optimizers import layca
-    from .data import epoch_batches
 
     t_start = time.perf_counter()
     _prepare_out(out)
@@ -637,7 +637,7 @@ def run_sweep(
 
 
 def lca_optimizers(lr: float, adam_lr: float = 0.002) -> dict[str, tuple[str, Any]]:
-    """The LCA job's runs: seed 004's MNIST-FC settings (SGD, momentum 0.9, lr 0.05; Adam
+    """The LCA job's runs: Lan et al., 2019's MNIST-FC settings (SGD, momentum 0.9, lr 0.05; Adam
     0.002). The first one gets the full analysis, all of them the error table."""
     import optax
 
@@ -656,22 +656,22 @@ def run_lca(
     progress: bool = True,
     tol: float = 1e-3,
 ) -> dict[str, Any]:
-    """Loss Change Allocation of the first ``max_iters`` training iterations (seed 004).
+    """Loss Change Allocation of the first ``max_iters`` training iterations (Lan et al., 2019).
 
     Each optimizer of :func:`lca_optimizers` trains the same initialisation on the same
     batches; every step is allocated twice over the *whole* training set, with RK4 (adaptive
     Simpson, tolerance ``tol``, per parameter and per class) and to first order. Writes
     ``lca_per_layer.png`` (cumulative LCA per layer over iterations, and totals),
     ``helping_fraction.png``, ``moments_raster.png``, ``report.md`` (with the first-order vs
-    RK4 error table, seed 004 Table S1) and ``results.json``.
+    RK4 error table, Lan et al., 2019 Table S1) and ``results.json``.
     """
     import jax
     import jax.numpy as jnp
     import optax
 
+    from .. import lca as lca_lib
+    from ..data import epoch_batches
     from . import _report
-    from . import lca as lca_lib
-    from .data import epoch_batches
 
     t_start = time.perf_counter()
     _prepare_out(out)
@@ -830,7 +830,7 @@ def _add_int(parser, flag: str, low: int, help: str, default: int | None = None)
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``optax-layca`` (errors raise :class:`CLIError`)."""
-    from .models import MODELS
+    from ..models import MODELS
 
     common = _Parser(add_help=False)
     g = common.add_argument_group("common options")
@@ -887,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=0.05,
-        help="SGD (momentum 0.9) learning rate (default 0.05, seed 004's MNIST-FC)",
+        help="SGD (momentum 0.9) learning rate (default 0.05, Lan et al., 2019's MNIST-FC)",
     )
     _add_int(lc, "--iters", 1, "training iterations analysed (default 150; 40 with --quick)")
     return parser

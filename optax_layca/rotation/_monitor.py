@@ -1,0 +1,309 @@
+"""The layer rotation monitor: a pass-through optax transform keeping per-layer figures."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .._base import NO_PARAMS_MSG
+from .._custom_types import IsLayer, LayerAxis
+from .._layers import (
+    Layering,
+    LeafLayout,
+    check_same_structure,
+    kept_shape,
+    layer_dot,
+    squeeze_reduced,
+)
+from ._angles import cosine_distance_of_angle
+
+FIGURES = (
+    "cosine_distance",
+    "step_angle",
+    "cumulative_angle",
+    "grad_norm",
+    "weight_norm",
+    "update_norm",
+)
+"""Per-layer figures kept by :func:`track_rotation`, in this order."""
+
+
+class TrackRotationState(NamedTuple):
+    """State of :func:`track_rotation`. Figures are ``{layer path: float32 array}`` dicts.
+
+    Attributes:
+      rotation_step: number of updates seen (int32).
+      initial_layers: ``{layer path: w⁰}``, a copy of each layer at ``init`` (param dtype).
+      initial_layer_norm: ``{layer path: ‖w⁰‖}`` (float32, reduced axes kept).
+      cosine_distance: ``1 - cos(w_t, w⁰)`` of the parameters *after* the last update.
+      step_angle: angle (rad) between the parameters before and after the last update.
+      cumulative_angle: sum of all step angles so far (path length on the sphere); lets
+        :class:`RotationHistory` recover mean per-step angles from sparse records.
+      grad_norm: norm of the incoming updates (the raw gradient when ``track_rotation`` wraps
+        the optimizer or is placed first; equals ``update_norm`` when placed last).
+      weight_norm: norm of the parameters after the last update (``‖w⁰‖`` at init).
+      update_norm: norm of the final update.
+      tracked_state: state of the wrapped transform (``optax.EmptyState()`` when none).
+    """
+
+    rotation_step: jax.Array
+    initial_layers: dict
+    initial_layer_norm: dict
+    cosine_distance: dict
+    step_angle: dict
+    cumulative_angle: dict
+    grad_norm: dict
+    weight_norm: dict
+    update_norm: dict
+    tracked_state: Any
+
+
+_CANCEL = 1e-3  # one-pass ‖x_⊥‖² below this fraction of ‖x‖²: recompute it explicitly
+_NEAR_INIT = 1e-6  # ‖w - w⁰‖² below this fraction of ‖w⁰‖²: recompute the distance explicitly
+
+
+def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
+    """Per-layer (step angle, cosine distance to w⁰, ‖g‖, ‖w+u‖, ‖u‖), float32 keepdims.
+
+    Four or five dot products per layer (XLA:CPU does not fuse sibling reductions, so each
+    re-reads its operands; fewer is faster): ``w·w, w·u, u·u, e·e`` with ``e = w + u - w⁰``,
+    and ``g·g``. With ``a = ‖w⁰‖`` (stored at init) and ``b = ‖w + u‖``:
+
+    * step angle ``atan2(‖u_⊥‖ ‖w‖, w·w + w·u)``, ``‖u_⊥‖² = u·u - (w·u)²/w·w``;
+    * cosine distance ``(‖e‖² - (b - a)²) / (2ab)`` (law of cosines), ``b - a = (b² - a²)/(a + b)``.
+
+    Both subtractions cancel only for nearly radial vectors (their tangential part below 1e-3
+    of the total, e.g. pure weight decay), and the second one also loses digits within
+    ~1e-3 rad of ``w⁰``; then, and only then (``lax.cond``), the projections are formed
+    explicitly as in :func:`angle`.
+    """
+    w, u, w0 = (x.astype(jnp.float32) for x in (w, u, w0))
+    e = (w - w0) + u  # not (w + u) - w⁰: that rounds w + u at the scale of ‖w‖
+    ww, wu, uu, ee = (
+        layer_dot(w, w, lo),
+        layer_dot(w, u, lo),
+        layer_dot(u, u, lo),
+        layer_dot(e, e, lo),
+    )
+    gg = uu if g is None else layer_dot(g, g, lo)
+    ww_safe = jnp.where(ww > 0, ww, 1.0)
+    nn = jnp.maximum(ww + 2.0 * wu + uu, 0.0)  # ‖w + u‖²
+    a, b = n0, jnp.sqrt(nn)
+    up2 = jnp.maximum(uu - wu * (wu / ww_safe), 0.0)
+    radial = (nn - a * a) / jnp.where(a + b > 0, a + b, 1.0)
+    tangential2 = jnp.maximum(ee - radial * radial, 0.0)  # 2ab (1 - cos)
+    # also near w⁰ (angle ≲ 1e-3): there the rounding of b - a (~1e-7 a) matters against ‖e‖
+    near_init = ee < _NEAR_INIT * a * a
+    inexact = jnp.any(up2 < _CANCEL * uu) | jnp.any((tangential2 < _CANCEL * ee) | near_init)
+
+    def explicit(_):
+        # projected twice: the second pass removes the radial residue left by rounding
+        u_perp = u - (wu / ww_safe) * w
+        u_perp = u_perp - (layer_dot(u_perp, w, lo) / ww_safe) * w
+        w00 = jnp.where(a > 0, a * a, 1.0)
+        ew = layer_dot(e, w0, lo)
+        e_perp = e - (ew / w00) * w0
+        e_perp = e_perp - (layer_dot(e_perp, w0, lo) / w00) * w0
+        theta = jnp.arctan2(jnp.sqrt(layer_dot(e_perp, e_perp, lo)) * a, a * a + ew)
+        return layer_dot(u_perp, u_perp, lo), 2.0 * a * b * cosine_distance_of_angle(theta)
+
+    up2, tangential2 = jax.lax.cond(inexact, explicit, lambda _: (up2, tangential2), None)
+    step = jnp.arctan2(jnp.sqrt(up2) * jnp.sqrt(ww), ww + wu)
+    step = jnp.where((ww > 0) & (nn > 0), step, 0.0)
+    ab = a * b
+    cos_dist = jnp.where(ab > 0, jnp.clip(tangential2 / jnp.where(ab > 0, 2.0 * ab, 1.0), 0, 2), 0)
+    return step, cos_dist, jnp.sqrt(gg), b, jnp.sqrt(uu)
+
+
+def track_rotation(
+    tx: optax.GradientTransformation | None = None,
+    *,
+    every: int = 1,
+    is_layer: IsLayer = None,
+    layer_axis: LayerAxis = None,
+    per_unit: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Layer rotation monitor: passes updates through and keeps per-layer figures in its state.
+
+    Two ways to use it:
+
+    * **wrapping** an optimizer, ``track_rotation(optax.adam(1e-3))``: it sees the raw gradient
+      (``grad_norm``) and the optimizer's final update;
+    * **last in a chain**, ``optax.chain(..., track_rotation())``: a pass-through (identity)
+      that sees the final update; ``grad_norm`` is then the norm of that update.
+
+    At step ``t`` with parameters ``w`` and final update ``u`` (new parameters ``w' = w + u``),
+    it records for every layer ``l``:
+
+    .. math::
+      \begin{align*}
+        \text{cosine\_distance}_l &= 1 - \cos(w'_l, w^0_l), &
+        \text{step\_angle}_l &= \angle(w_l, w'_l), \\
+        \text{cumulative\_angle}_l &= \textstyle\sum_{s \le t} \text{step\_angle}_l(s), &
+        \text{weight\_norm}_l &= \lVert w'_l \rVert, \quad
+        \text{update\_norm}_l = \lVert u_l \rVert
+      \end{align*}
+
+    with the accurate angles of :func:`angle` (exact for steps of 1e-6 rad, 0 for zero-norm
+    layers), from one fused pass of dot products per layer (explicit projections are added,
+    under a ``lax.cond``, only for nearly radial updates where that pass would cancel). The figures are ``{layer path: float32}`` dicts in named fields of
+    :class:`TrackRotationState`, so ``optax.tree.get(opt_state, "cosine_distance")`` reads
+    them after a jitted step; shapes never change, so there is no recompilation.
+
+    .. warning::
+      The figures describe ``params + updates``: the monitor must see the *final* update,
+      i.e. wrap the optimizer or sit last in ``optax.chain`` (after ``scale_by_learning_rate``
+      / Layca's op 4). Placed elsewhere it passes updates through unchanged but its figures
+      refer to a partial update.
+
+    It stores a copy of every layer at ``init`` (memory: one extra copy of the layer leaves).
+    Non-layer leaves (biases, norm scales) are not tracked.
+
+    Cost: one fused set of per-layer dot products over ``(w, u, w⁰, g)`` per step, i.e. a few
+    reads of the parameters (``benchmarks/monitor_overhead.py``). With ``every=k`` the figures
+    are computed on updates ``k, 2k, …`` only (``lax.cond``; held in between), for ~1/k of
+    the cost; ``cumulative_angle`` is then the estimate ``k · Σ`` (measured step angles).
+
+    Args:
+      tx: optimizer to wrap (None: identity, to place last in a chain).
+      every: compute the figures every ``every`` updates (match the
+        :class:`RotationHistory` schedule).
+      is_layer, layer_axis, per_unit: which leaves are layers, as for :func:`~optax_layca.layca`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (needs ``params`` in ``update``). Extra
+      arguments are forwarded to ``tx``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np, optax
+      >>> from optax_layca import layca
+      >>> params = {"Dense_0": {"kernel": jnp.array([[1.0, 0.0], [0.0, 1.0]]), "bias": jnp.zeros(2)}}
+      >>> tx = optax.chain(layca(learning_rate=0.1), track_rotation())
+      >>> state = tx.init(params)
+      >>> grads = {"Dense_0": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "bias": jnp.ones(2)}}
+      >>> updates, state = jax.jit(tx.update)(grads, state, params)
+      >>> angle_ = optax.tree.get(state, "step_angle")["Dense_0/kernel"]
+      >>> np.asarray([angle_, np.arctan(0.1)], float).round(5).tolist()
+      [0.09967, 0.09967]
+    """
+    if tx is not None and not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(f"`track_rotation(tx=...)` must be an optax transformation; got {tx!r}.")
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"`track_rotation(every=...)` must be an int >= 1; got {every!r}.")
+    every = int(every)
+    layering = Layering(is_layer, layer_axis, per_unit)
+    inner = tx if tx is not None else optax.identity()
+
+    def layers_of(params):
+        return [
+            (lo, x)
+            for lo, x in zip(layering.layouts(params), jax.tree.leaves(params))
+            if lo.is_layer
+        ]
+
+    def init_fn(params):
+        layers = layers_of(params)
+        if not layers:
+            raise ValueError(
+                "`track_rotation`: no layer found in params (default: leaves named "
+                "kernel/embedding/w or with ndim >= 2). Pass `is_layer=` to choose them."
+            )
+        # fresh buffers per field: a state whose leaves share a buffer cannot be donated
+        zeros = lambda: {
+            lo.path: jnp.zeros(kept_shape(lo, np.shape(x)), jnp.float32) for lo, x in layers
+        }
+        return TrackRotationState(
+            rotation_step=jnp.zeros((), jnp.int32),
+            initial_layers={lo.path: jnp.copy(x) for lo, x in layers},
+            initial_layer_norm={lo.path: jnp.sqrt(layer_dot(x, x, lo)) for lo, x in layers},
+            cosine_distance=zeros(),
+            step_angle=zeros(),
+            cumulative_angle=zeros(),
+            grad_norm=zeros(),
+            weight_norm={lo.path: squeeze_reduced(jnp.sqrt(layer_dot(x, x, lo)), lo) for lo, x in layers},
+            update_norm=zeros(),
+            tracked_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(NO_PARAMS_MSG)
+        check_same_structure(updates, params, "updates")
+        grads = updates
+        if isinstance(inner, optax.GradientTransformationExtraArgs):
+            updates, inner_state = inner.update(updates, state.tracked_state, params, **extra_args)
+        else:
+            updates, inner_state = inner.update(updates, state.tracked_state, params)
+        layers = layers_of(params)
+        known = set(state.initial_layers)
+        seen = {lo.path for lo, _ in layers}
+        if seen != known:
+            raise ValueError(
+                "`track_rotation`: the layers of params differ from those seen at init. "
+                f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
+            )
+        u_leaves, g_leaves = jax.tree.leaves(updates), jax.tree.leaves(grads)
+        layouts = layering.layouts(params)
+        w_leaves = jax.tree.leaves(params)
+
+        def measure(_):
+            figs = {name: {} for name in FIGURES}
+            for i, (lo, w) in enumerate(zip(layouts, w_leaves)):
+                if not lo.is_layer:
+                    continue
+                g = None if tx is None else g_leaves[i]
+                path = lo.path
+                step, cos_dist, g_norm, w_norm, u_norm = monitor_layer(
+                    lo,
+                    w,
+                    u_leaves[i],
+                    g,
+                    state.initial_layers[path],
+                    state.initial_layer_norm[path],
+                )
+                sq = functools.partial(squeeze_reduced, lo=lo)
+                figs["cosine_distance"][lo.path] = sq(cos_dist)
+                figs["step_angle"][lo.path] = sq(step)
+                figs["cumulative_angle"][lo.path] = state.cumulative_angle[lo.path] + every * sq(
+                    step
+                )
+                figs["grad_norm"][lo.path] = sq(g_norm)
+                figs["weight_norm"][lo.path] = sq(w_norm)
+                figs["update_norm"][lo.path] = sq(u_norm)
+            return figs
+
+        if every == 1:
+            figs = measure(None)
+        else:
+            held = {name: getattr(state, name) for name in FIGURES}
+            due = (state.rotation_step + 1) % every == 0
+            figs = jax.lax.cond(due, measure, lambda _: held, None)
+        new_state = TrackRotationState(
+            rotation_step=optax.safe_increment(state.rotation_step),
+            initial_layers=state.initial_layers,
+            initial_layer_norm=state.initial_layer_norm,
+            tracked_state=inner_state,
+            **figs,
+        )
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def find_monitor_state(obj: Any) -> TrackRotationState | None:
+    found = [
+        x
+        for x in jax.tree.leaves(obj, is_leaf=lambda x: isinstance(x, TrackRotationState))
+        if isinstance(x, TrackRotationState)
+    ]
+    if len(found) > 1:
+        raise ValueError(
+            f"The optimizer state holds {len(found)} `track_rotation` states; pass one of them."
+        )
+    return found[0] if found else None
+
