@@ -243,8 +243,8 @@ def scale_by_adapt_copy(
 
         def one(lo, s, w, n0):
             if not lo.is_layer:
-                if non_layer_learning_rate is None:
-                    return jnp.zeros_like(s)
+                if non_layer_learning_rate is None:  # frozen: 0, but NaN for a NaN gradient
+                    return (0.0 * s.astype(jnp.float32)).astype(s.dtype)
                 lr = value_at(non_layer_learning_rate, state.count).astype(jnp.float32)
                 return (-lr * s.astype(jnp.float32)).astype(s.dtype)
             value = rates[lo.path][row]

@@ -20,8 +20,10 @@ from ._layers import (
     LeafLayout,
     check_params,
     layer_depths,
-    layer_dot,
-    layer_norm,
+    layer_dots,
+    pow2,
+    scaled_layer_dots,
+    scaled_layer_norm,
 )
 from ._multipliers import check_alpha, multiplier_at_depth
 
@@ -29,6 +31,13 @@ DEFAULT_PARALLEL_TOL = 1e-3
 # Fused Layca recomputes ‖s⊥‖² in a second pass when ‖s‖/‖s⊥‖ exceeds this (float32 error of
 # the one-pass c − b²/a is then above ~1e-6 relative).
 PRECISE_RATIO = 4.0
+_NAN = float("nan")
+
+
+def nan_where(poisoned: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` with NaN in the layers flagged ``poisoned``: a NaN or Inf that came in must come
+    out visibly, never as the plausible 0 that a ``jnp.where`` guard would make of it."""
+    return jnp.where(poisoned, _NAN, x)
 
 
 def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
@@ -41,7 +50,7 @@ def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
     def norm(lo, w):
         if not lo.is_layer:
             return jnp.zeros((), jnp.float32)
-        n = layer_norm(w, lo)
+        n = scaled_layer_norm(w, lo)
         if is_concrete(n) and bool(jnp.any(n == 0)):
             zeros = int(jnp.sum(n == 0))
             raise ValueError(
@@ -97,10 +106,15 @@ def project_orthogonal(
             if not lo.is_layer:
                 return s
             s32, w32 = s.astype(jnp.float32), w.astype(jnp.float32)
-            a, b = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo)
-            perp = s32 - jnp.where(a > 0, b / jnp.where(a > 0, a, 1.0), 0.0) * w32
-            keep = (a > 0) & (layer_dot(perp, perp, lo) > parallel_tol**2 * layer_dot(s32, s32, lo))
-            return jnp.where(keep, perp, 0.0).astype(s.dtype)
+            # in units of the rescaled w·2^-ew, s·2^-es (exponents 0 unless a sum would
+            # under/overflow): s⊥ is then exact for any scale of s and w
+            (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w32, s32)
+            beta = jnp.where(a > 0, b / jnp.where(a > 0, a, 1.0), 0.0)
+            perp = s32 * pow2(-es) - beta * (w32 * pow2(-ew))
+            (pp,) = layer_dots(lo, ((0, 0),), perp)
+            keep = (a > 0) & (pp > parallel_tol**2 * c)
+            out = jnp.where(keep, perp, 0.0) * pow2(es)
+            return nan_where(jnp.isnan(a + b + c), out).astype(s.dtype)
 
         return layering.map(project, updates, params), state
 
@@ -137,9 +151,13 @@ def scale_to_weight_norm(
         def scale(lo, s, w):
             if not lo.is_layer:
                 return s
-            ns, nw = layer_norm(s, lo), layer_norm(w, lo)
-            k = jnp.where(ns > 0, nw / jnp.where(ns > 0, ns, 1.0), 0.0)
-            return (s.astype(jnp.float32) * k).astype(s.dtype)
+            s32 = s.astype(jnp.float32)
+            (ss, ww), (es, ew) = scaled_layer_dots(lo, ((0, 0), (1, 1)), s32, w)
+            # ‖w‖/‖s‖ = (‖w'‖/‖s'‖) 2^(ew - es): the powers of two are applied to s apart,
+            # exactly, since their ratio alone may not be a float32 (1e30 / 1e-30)
+            k = jnp.where(ss > 0, jnp.sqrt(ww) / jnp.sqrt(jnp.where(ss > 0, ss, 1.0)), 0.0)
+            out = (s32 * pow2(-es)) * (k * pow2(ew))
+            return nan_where(jnp.isnan(ss + ww), out).astype(s.dtype)
 
         return layering.map(scale, updates, params), state
 
@@ -191,11 +209,13 @@ def project_to_initial_norm(
                 return u
             w32, u32 = w.astype(jnp.float32), u.astype(jnp.float32)
             new = w32 + u32
-            n = layer_norm(new, lo)
-            k = jnp.where(n > 0, n0 / jnp.where(n > 0, n, 1.0), 1.0)
+            (nn, uu), (en, _) = scaled_layer_dots(lo, ((0, 0), (1, 1)), new, u32)
+            # k = ‖w⁰‖ / ‖w'‖ with ‖w'‖ = √nn · 2^en
+            k = jnp.where(nn > 0, n0 * pow2(-en) / jnp.sqrt(jnp.where(nn > 0, nn, 1.0)), 1.0)
             # A layer that does not move (zero update) stays exactly put, as in the fused form.
-            still = (layer_dot(u32, u32, lo) == 0) & (n0 > 0)
-            return jnp.where(still, 0.0, k * new - w32).astype(u.dtype)
+            still = (uu == 0) & (n0 > 0)
+            out = jnp.where(still, 0.0, k * new - w32)
+            return nan_where(jnp.isnan(nn + uu + n0), out).astype(u.dtype)
 
         return layering.map(project, updates, params, state.initial_norm), state
 
@@ -251,14 +271,39 @@ def cap_norm_increase(
                 return u
             w32 = w.astype(jnp.float32)
             new = w32 + u.astype(jnp.float32)
-            n, n_new = layer_norm(w32, lo), layer_norm(new, lo)
+            (ww, nn), (ew, en) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w32, new)
+            n, n_new = jnp.sqrt(ww) * pow2(ew), jnp.sqrt(nn) * pow2(en)
             limit = n + max_increase * n0
             k = jnp.where(n_new > limit, limit / jnp.where(n_new > 0, n_new, 1.0), 1.0)
-            return (k * new - w32).astype(u.dtype)
+            return nan_where(jnp.isnan(ww + nn + n0), k * new - w32).astype(u.dtype)
 
         return layering.map(cap, updates, params, state.initial_norm), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def layca_tangent_part(lo: LeafLayout, w: jax.Array, s: jax.Array, a, b, c):
+    """``(‖s⊥‖², b)`` of ``s⊥ = s - (b/a) w`` from the one-pass ``a = w·w, b = s·w, c = s·s``.
+
+    ``‖s⊥‖² = c − b²/a`` cancels when ``s`` is nearly parallel to ``w`` (``‖s‖/‖s⊥‖ = R``):
+    its relative error is ``~eps R²``, i.e. 0.4% at R = 100 and 100% at R ≈ 1000, so the
+    rotation would miss ``arctan(ρ)``, and the float32 error of ``b`` leaves a radial part
+    ``~eps R`` in ``s - (b/a) w`` that breaks the analytic op 4. That happens near a minimum on
+    the sphere or with an L2 term in the loss. Only then (a scalar test; ``lax.cond``) a
+    second pass forms ``s⊥`` explicitly: its residual radial part ``e = s⊥·w`` corrects ``b``
+    and ``‖s⊥‖²`` is summed directly, as in the chained form.
+    """
+    a_safe = jnp.where(a > 0, a, 1.0)
+    # b * (b / a), not b² / a: b² overflows where a and c do not
+    proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
+
+    def second_pass():
+        perp = s - (b / a_safe) * w
+        e, pp = layer_dots(lo, ((0, 1), (0, 0)), perp, w)
+        return jnp.maximum(pp - e * (e / a_safe), 0.0), b + e
+
+    near_parallel = jnp.any((a > 0) & (PRECISE_RATIO**2 * proj2 < c))
+    return jax.lax.cond(near_parallel, second_pass, lambda: (proj2, b))
 
 
 def layca_layer_update(
@@ -269,42 +314,39 @@ def layca_layer_update(
     ``rho`` broadcasts against the leaf's per-layer reductions (reduced axes kept), so it may be
     a scalar or hold one rate per stacked layer/unit. Shared by :func:`scale_by_layca` and
     ``adapt_copy``.
+
+    The algebra runs on ``w' = w 2^-ew`` and ``s' = s 2^-es``, power-of-two rescalings that are
+    exact and leave every ratio unchanged (:func:`~optax_layca._layers.scaled_layer_dots`; the
+    exponents are 0 unless a float32 sum would under- or overflow), so a direction of any
+    float32 scale (Adam right after a zero gradient gives ~1e-19) rotates by ``arctan(ρ)`` and
+    keeps ``‖w⁰‖``, as do tiny or huge weights. NaN or Inf in ``s``, ``w``, ``‖w⁰‖`` or ``ρ``
+    gives NaN for that layer.
     """
-    w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
-    a, b, c = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo), layer_dot(s32, s32, lo)
+    w32 = w.astype(jnp.float32)
+    (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w32, s)
+    s_sc = s.astype(jnp.float32) * pow2(-es)  # multiplied by 1 on the usual path
+    poisoned = jnp.isnan(a + b + c + n0 + rho)
+    proj2, b = layca_tangent_part(lo, w32 * pow2(-ew), s_sc, a, b, c)
     has_norm = a > 0
     a_safe = jnp.where(has_norm, a, 1.0)
-    # b * (b / a), not b² / a: b² overflows float32 for |w|, |s| ~ 1e10 and above.
-    proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
-    # c − b²/a cancels when s is nearly parallel to w (‖s‖/‖s⊥‖ = R): its relative error is
-    # ~eps·R², i.e. 0.4% at R = 100 and 100% at R ≈ 1000, so the rotation would miss arctan(ρ),
-    # and the float32 error of b leaves a radial part ~eps·R in s - (b/a) w that breaks the
-    # analytic op 4. That happens near a minimum on the sphere or with an L2 term in the loss.
-    # Only then (a cheap scalar test, so the common path keeps one reduction pass) take a
-    # second pass over s⊥ = s - (b/a) w: its residual radial part e = s⊥·w corrects b, and
-    # ‖s⊥‖² is summed directly, as in the chained form.
-    def second_pass():
-        perp = s32 - (b / a_safe) * w32
-        e = layer_dot(perp, w32, lo)
-        return jnp.maximum(layer_dot(perp, perp, lo) - e * (e / a_safe), 0.0), b + e
-
-    near_parallel = jnp.any(has_norm & (PRECISE_RATIO**2 * proj2 < c))
-    proj2, b = jax.lax.cond(near_parallel, second_pass, lambda: (proj2, b))
-    moves = has_norm & (proj2 > parallel_tol**2 * c)
-    root_a = jnp.sqrt(a_safe)
-    # ŝ = (s - (b/a) w) · inv, with ‖ŝ‖ = ‖w‖.
-    inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
     # A layer that does not rotate (zero or parallel step, or ρ = 0) stays exactly put: no
     # radial float32 renormalisation either, so a zero gradient gives a zero update.
-    moves = moves & (rho != 0)
+    moves = has_norm & (proj2 > parallel_tol**2 * c) & (rho != 0)
     rho = jnp.where(moves, rho, 0.0)
-    # k - 1 via expm1 keeps the tiny radial correction accurate for small ρ.
-    log_k = jnp.log(jnp.where(n0 > 0, n0, 1.0)) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
+    root_a = jnp.sqrt(a_safe)
+    # ŝ' = (s' - (b/a) w') · inv, with ‖ŝ'‖ = ‖w'‖.
+    inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
+    # k = ‖w⁰‖ / (‖w‖ √(1+ρ²)) = (‖w⁰‖ 2^-ew) / (√a' √(1+ρ²)); k - 1 via expm1 keeps the
+    # tiny radial correction accurate for small ρ.
+    n0s = jnp.where(n0 > 0, n0 * pow2(-ew), 1.0)
+    log_k = jnp.log(n0s) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
     k_minus_1 = jnp.where(n0 > 0, jnp.where(moves, jnp.expm1(log_k), 0.0), -1.0)
     k = k_minus_1 + 1.0
     coef_w = jnp.where(has_norm, k_minus_1 + k * rho * inv * (b / a_safe), 0.0)
-    coef_s = jnp.where(has_norm, -k * rho * inv, 0.0)
-    return (coef_w * w32 + coef_s * s32).astype(s.dtype)
+    # on s' = s 2^-es; the factor 2^ew puts the step back at the scale of w
+    coef_s = jnp.where(has_norm, -k * rho * inv, 0.0) * pow2(ew)
+    coef_w, coef_s = nan_where(poisoned, coef_w), nan_where(poisoned, coef_s)
+    return (coef_w * w32 + coef_s * s_sc).astype(s.dtype)
 
 
 class ScaleByLaycaState(NamedTuple):
@@ -405,8 +447,8 @@ def scale_by_layca(
 
         def fused(lo, s, w, n0, depth):
             if not lo.is_layer:
-                if non_layer == "freeze":
-                    return jnp.zeros_like(s)
+                if non_layer == "freeze":  # 0, but NaN for a NaN gradient (0 * NaN)
+                    return (0.0 * s.astype(jnp.float32)).astype(s.dtype)
                 return (-lr * s.astype(jnp.float32)).astype(s.dtype)
             rho = lr * multiplier_at_depth(a_t, depth, state.num_layers)
             return layca_layer_update(lo, s, w, n0, rho, parallel_tol)

@@ -8,6 +8,7 @@ never at values, so it runs at trace time and never causes a retrace.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -211,6 +212,101 @@ def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
 def layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
     """Per-layer Euclidean norm in float32, reduced axes kept."""
     return jnp.sqrt(layer_dot(x, x, lo))
+
+
+# Row length of the one-pass reduction of :func:`layer_dots`: one 512-bit vector of float32.
+# Measured on AVX-512 (benchmarks/update_step.py): rows of 16 read the operands at the speed
+# of a single dot product; rows of 8 or 32 are 1.5-3x slower.
+DOTS_ROW = 16
+
+
+def layer_dots(lo: LeafLayout, pairs: Sequence[tuple[int, int]], *xs: jax.Array):
+    """Per-layer inner products ``xs[i]·xs[j]`` for ``(i, j)`` in ``pairs`` (float32, keepdims).
+
+    XLA:CPU runs sibling ``jnp.sum`` reductions one after the other, each re-reading its
+    operands: ``w·w, s·w, s·s`` cost four tensor reads. When the last axis is reduced and
+    holds a multiple of :data:`DOTS_ROW` elements, this computes every product in *one* pass
+    instead: a variadic ``lax.reduce`` over rows of 16 (splitting only the last axis, so a
+    sharded leaf stays sharded alike), then a short sum of the row partials. Otherwise (e.g.
+    ``per_unit``, which keeps the last axis) it falls back to one ``jnp.sum`` per pair.
+
+    Error: a 16-term sequential float32 sum, then the ``jnp.sum`` of the partials, so the
+    usual blocked-summation bound ``|err| <= (16 + log2 n) eps sum|x_i y_i|`` (eps = 2**-24)
+    plus the products' own rounding.
+    """
+    xs32 = [x.astype(jnp.float32) for x in xs]
+    shape = xs32[0].shape
+    last = len(shape) - 1
+    if last < 0 or last not in lo.reduce_axes or shape[last] % DOTS_ROW or not shape[last]:
+        return tuple(jnp.sum(xs32[i] * xs32[j], lo.reduce_axes, keepdims=True) for i, j in pairs)
+    rows = [x.reshape(*shape[:-1], shape[-1] // DOTS_ROW, DOTS_ROW) for x in xs32]
+    zero = jnp.zeros((), jnp.float32)
+    partial = jax.lax.reduce(
+        tuple(rows[i] * rows[j] for i, j in pairs),
+        (zero,) * len(pairs),
+        lambda acc, x: tuple(p + q for p, q in zip(acc, x)),
+        (last + 1,),
+    )
+    return tuple(jnp.sum(p, lo.reduce_axes, keepdims=True) for p in partial)
+
+
+# A per-layer float32 sum of n squares is exact to float32 precision only inside
+# [n * SUM_TINY, SUM_HUGE]: XLA:CPU flushes products below 2**-126 (subnormal) to zero, and n
+# such losses stay under eps = 2**-24 of the sum only if it is >= n * 2**-126 / eps; above
+# 2**100 the scalar algebra on the sums (b * (b / a), 16 * c, a * (1 + rho**2)) could overflow.
+SUM_TINY = 2.0**-102
+SUM_HUGE = 2.0**100
+_NAN = float("nan")
+
+
+def pow2(e: jax.Array) -> jax.Array:
+    """Exact float32 ``2**e`` for int32 ``e`` in ``[-126, 127]`` (built from its bits)."""
+    bits = (jnp.asarray(e, jnp.int32) + 127) << 23
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def reduced_size(lo: LeafLayout, shape: Sequence[int]) -> int:
+    """Number of elements summed into each per-layer figure of a leaf."""
+    return int(np.prod([shape[a] for a in lo.reduce_axes], dtype=np.int64))
+
+
+def scaled_layer_dots(lo: LeafLayout, pairs: Sequence[tuple[int, int]], *xs: jax.Array):
+    """:func:`layer_dots` that stay exact at any float32 scale: ``(dots, exponents)``.
+
+    Returns the per-layer dots of the rescaled inputs ``x_i · 2^-e_i`` and the int32 per-layer
+    exponents ``e_i`` (keepdims), so that ``xs[i]·xs[j] = dots[k] · 2^(e_i + e_j)``. Every
+    input needs its square among ``pairs``. When every such square lies in
+    ``[n SUM_TINY, SUM_HUGE]`` (the usual case) the exponents are 0 and the dots are those of
+    one :func:`layer_dots` pass. Otherwise, and only then (``lax.cond``, one extra pass for
+    the per-layer ``max |x_i|``), each input is rescaled by the power of two ``2^-e_i`` that
+    brings its largest entry into ``[0.5, 1)`` (exact: only the exponent changes) and the dots
+    are recomputed. A layer with a NaN or Inf entry in any input gets NaN dots.
+    """
+    dots = layer_dots(lo, pairs, *xs)
+    diag = {i: k for k, (i, j) in enumerate(pairs) if i == j}
+    if set(diag) != set(range(len(xs))):
+        raise ValueError("scaled_layer_dots: every input needs its square among `pairs`.")
+    tiny = reduced_size(lo, xs[0].shape) * SUM_TINY
+    bad = [~((dots[diag[i]] >= tiny) & (dots[diag[i]] <= SUM_HUGE)) for i in range(len(xs))]
+    zeros = tuple(jnp.zeros(dots[0].shape, jnp.int32) for _ in xs)
+
+    def rescaled():
+        peaks = [jnp.max(jnp.abs(x.astype(jnp.float32)), lo.reduce_axes, keepdims=True)
+                 for x in xs]
+        exps = tuple(jnp.clip(jnp.frexp(m)[1], -126, 126).astype(jnp.int32) for m in peaks)
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(m) for m in peaks])
+        out = layer_dots(lo, pairs, *(x.astype(jnp.float32) * pow2(-e) for x, e in zip(xs, exps)))
+        return tuple(jnp.where(finite, d, _NAN) for d in out), exps
+
+    return jax.lax.cond(jnp.any(functools.reduce(jnp.logical_or, bad)), rescaled,
+                        lambda: (dots, zeros))
+
+
+def scaled_layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
+    """Per-layer Euclidean norm (float32, keepdims), right at any scale of ``x`` (NaN for a
+    layer with a NaN or Inf entry); see :func:`scaled_layer_dots`."""
+    (xx,), (e,) = scaled_layer_dots(lo, ((0, 0),), x)
+    return jnp.sqrt(xx) * pow2(e)
 
 
 def kept_shape(lo: LeafLayout, shape: Sequence[int]) -> tuple[int, ...]:

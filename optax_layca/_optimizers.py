@@ -69,7 +69,8 @@ def _non_layer_mask(layering: Layering):
 
 def _freeze_non_layers(layering: Layering, non_layer: str) -> optax.GradientTransformation:
     if non_layer == "freeze":
-        return optax.masked(optax.set_to_zero(), _non_layer_mask(layering))
+        # scale(0), not set_to_zero(): 0 × NaN = NaN keeps a NaN gradient visible
+        return optax.masked(optax.scale(0.0), _non_layer_mask(layering))
     return optax.identity()
 
 

@@ -1,0 +1,202 @@
+"""Numerics of the per-layer kernels at any float32 scale, and NaN/Inf propagation.
+
+Layca's maths is invariant to the scale of the step direction (op 2 normalises it away) and
+equivariant to the scale of the weights; float32 must not break that between 1e-30 and 1e30
+(e.g. Adam's direction right after a zero gradient is ~1e-19, whose squares underflow). And a
+NaN or Inf that comes in must come out, never as a plausible 0 update that freezes a layer.
+
+Error analysis used below (eps = 2**-23, float32 machine epsilon). The inputs are built with
+a tangential part ``‖s⊥‖ >= ‖s‖ / R`` for R <= 3 (``direction``), so no near-parallel
+cancellation: each float32 evaluation of these maps is accurate to a few eps (products and
+sums of O(1) terms relative to the result, the one-pass ``c - b²/a`` losing at most a factor
+R² = 9). Scaling an input by a power of ten rounds each entry by eps/2. Hence comparing a
+scaled evaluation with the unscaled one: ``‖Δ‖ <= 64 eps ‖ref‖`` (about 2 × (9 + 9) eps of
+amplified rounding, doubled for margin); rotation angles and norms of a single evaluation
+against float64: ``<= 32 eps`` relative.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _utils import angle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optax_layca as ol
+
+EPS = 2.0**-23
+LR = 0.1
+
+FORMS = {
+    "fused": lambda: ol.layca(LR),
+    "chained": lambda: ol.layca(LR, fused=False),
+    "class": lambda: ol.scale_by_layca(LR),
+    "per_unit": lambda: ol.layca(LR, per_unit=True),
+    "stacked": lambda: ol.layca(LR, layer_axis=0),
+}
+# Every layer op and alias; "degree" says how the output scales with (s, w): u(σ s, τ w) =
+# σ^ds τ^dw u(s, w).
+OPS = {
+    "layca_fused": (lambda: ol.layca(LR), (0, 1)),
+    "layca_chained": (lambda: ol.layca(LR, fused=False), (0, 1)),
+    "scale_by_layca": (lambda: ol.scale_by_layca(LR), (0, 1)),
+    "lars": (lambda: ol.lars(LR), (0, 1)),
+    "project_orthogonal": (lambda: ol.project_orthogonal(), (1, 0)),
+    "scale_to_weight_norm": (lambda: ol.scale_to_weight_norm(), (0, 1)),
+    "adapt_copy": (lambda: ol.adapt_copy({"k/kernel": np.full(4, 0.05)}), (0, 1)),
+}
+SHAPES = [(16, 32), (3, 3, 4, 16), (5, 7), (2, 8, 6)]
+
+
+def direction(w: np.ndarray, seed: int, t: float) -> np.ndarray:
+    """A step with radial part ``t ‖s⊥‖ w/‖w‖``: ‖s‖/‖s⊥‖ = √(1 + t²) <= 3 for |t| <= 2.8."""
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal(w.shape)
+    axes = tuple(range(w.ndim))
+    d -= np.sum(d * w, axes) / np.sum(w * w, axes) * w
+    return d + t * np.linalg.norm(d) / np.linalg.norm(w) * w
+
+
+def tree(x):
+    return {"k": {"kernel": jnp.asarray(x, jnp.float32)}}
+
+
+@functools.cache
+def jitted(table: str, name: str):
+    """One transform per name, its init and update jitted once (hypothesis reuses them)."""
+    make = {"forms": FORMS, "ops": {k: v[0] for k, v in OPS.items()}}[table][name]
+    tx = make()
+    return jax.jit(tx.init), jax.jit(tx.update)
+
+
+def one_update(fns, s, w):
+    init, update = fns
+    u, _ = update(tree(s), init(tree(w)), tree(w))
+    return np.asarray(u["k"]["kernel"], np.float64)
+
+
+scales = st.sampled_from([1e-30, 1e-19, 1e-10, 1e-3, 1.0, 1e3, 1e10, 1e19, 1e30])
+
+
+@settings(max_examples=30, deadline=None)
+@given(form=st.sampled_from(sorted(FORMS)), shape=st.sampled_from(SHAPES), s_scale=scales,
+       w_scale=scales, seed=st.integers(0, 2**16), t=st.floats(-2.8, 2.8))
+def test_layca_rotates_by_arctan_rho_and_keeps_norm_at_any_scale(form, shape, s_scale, w_scale,
+                                                                  seed, t):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape) * w_scale
+    s = direction(w, seed + 1, t) * s_scale
+    u = one_update(jitted("forms", form), s, w)
+    w32 = np.asarray(tree(w)["k"]["kernel"], np.float64)
+    new = np.asarray((tree(w)["k"]["kernel"] + jnp.asarray(u, jnp.float32)), np.float64)
+    assert np.all(np.isfinite(new))
+    # the layers of each form: the whole leaf, each unit (last axis), each stacked slice (0)
+    if form == "per_unit":
+        groups = [(w32[..., j], new[..., j]) for j in range(shape[-1])]
+    elif form == "stacked":
+        groups = [(w32[i], new[i]) for i in range(shape[0])]
+    else:
+        groups = [(w32, new)]
+    for a, b in groups:
+        if np.linalg.norm(b - a) == 0:  # per unit/slice, a step can be parallel by chance
+            continue
+        np.testing.assert_allclose(angle(a, b), np.arctan(LR), rtol=32 * EPS)
+        np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(a), rtol=32 * EPS)
+
+
+@settings(max_examples=30, deadline=None)
+@given(op=st.sampled_from(sorted(OPS)), s_scale=scales, w_scale=scales,
+       seed=st.integers(0, 2**16), t=st.floats(-2.8, 2.8))
+def test_every_op_is_homogeneous_in_the_scales_of_step_and_weights(op, s_scale, w_scale, seed, t):
+    """u(σ s, τ w) = σ^ds τ^dw u(s, w) to float32 rounding, σ, τ from 1e-30 to 1e30."""
+    ds, dw = OPS[op][1]
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((4, 8, 16))
+    s = direction(w, seed + 1, t)
+    ref = one_update(jitted("ops", op), s, w)
+    got = one_update(jitted("ops", op), s * s_scale, w * w_scale) / (s_scale**ds * w_scale**dw)
+    assert np.linalg.norm(got - ref) <= 64 * EPS * np.linalg.norm(ref), op
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_initial_norm_and_norm_ops_at_extreme_weight_scales(scale):
+    """‖w⁰‖ is right (not 0 or inf) for tiny and huge weights, so op 4 and the cap work."""
+    w = np.random.default_rng(0).standard_normal((8, 16)) * scale
+    tx = ol.project_to_initial_norm()
+    state = tx.init(tree(w))
+    np.testing.assert_allclose(np.asarray(state.initial_norm["k"]["kernel"]).item(),
+                               np.linalg.norm(w), rtol=4 * EPS)
+    u, _ = tx.update(tree(0.5 * w + direction(w, 1, 0.0) * scale), state, tree(1.5 * w))
+    new = 1.5 * w + np.asarray(u["k"]["kernel"], np.float64)  # back on the sphere of ‖w⁰‖
+    np.testing.assert_allclose(np.linalg.norm(new), np.linalg.norm(w), rtol=8 * EPS)
+    cap = ol.cap_norm_increase(1e-2)
+    u, _ = cap.update(tree(w), cap.init(tree(w)), tree(w))  # doubling: capped at +1% of ‖w⁰‖
+    new = w + np.asarray(u["k"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.linalg.norm(new), 1.01 * np.linalg.norm(w), rtol=8 * EPS)
+
+
+# ----------------------------------------------------------------------------- NaN / Inf
+
+ALL = {
+    **{name: make for name, (make, _) in OPS.items()},
+    "layca_adam": lambda: ol.layca(LR, base=optax.scale_by_adam()),
+    "layca_freeze": lambda: ol.layca(LR, non_layer="freeze"),
+    "layca_chained_freeze": lambda: ol.layca(LR, non_layer="freeze", fused=False),
+    "lars_freeze": lambda: ol.lars(LR, non_layer="freeze"),
+    "per_unit": lambda: ol.layca(LR, per_unit=True),
+    "project_to_initial_norm": lambda: ol.project_to_initial_norm(),
+    "cap_norm_increase": lambda: ol.cap_norm_increase(),
+}
+
+
+def two_layer_tree(rng):
+    return {
+        "k": {"kernel": rng.standard_normal((4, 16)).astype(np.float32),
+              "bias": rng.standard_normal(16).astype(np.float32)},
+        "m": {"kernel": rng.standard_normal((16, 16)).astype(np.float32)},
+    }
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_nonfinite_in_gives_nan_out_never_a_plausible_zero(name):
+    if name == "adapt_copy":
+        tx = ol.adapt_copy({"k/kernel": np.full(4, 0.05), "m/kernel": np.full(4, 0.05)})
+    else:
+        tx = ALL[name]()
+    update = jax.jit(tx.update)
+    for where in ("gradient", "params"):
+        for bad in (np.nan, np.inf, -np.inf):
+            rng = np.random.default_rng(0)
+            params, grads = two_layer_tree(rng), two_layer_tree(rng)
+            state = tx.init(params)  # from finite params: the bad value arrives at update time
+            target = grads if where == "gradient" else params
+            target["k"]["kernel"][1, 2] = bad
+            if where == "gradient":
+                target["k"]["bias"][3] = bad
+            u, _ = update(grads, state, params)
+            err = f"{name}: a {bad} in the {where} gave a finite update"
+            layer = np.asarray(u["k"]["kernel"])
+            # per_unit: each output unit (column) is its own layer; only unit 2 is hit
+            hit = layer[:, 2] if name == "per_unit" else layer
+            assert not np.isfinite(hit).any(), err
+            if where == "gradient":  # biases pass the gradient on (or 0 × it when frozen)
+                assert not np.isfinite(np.asarray(u["k"]["bias"])[3]), err
+            assert np.isfinite(np.asarray(u["m"]["kernel"])).all(), "the other layer must not care"
+
+
+def test_zero_gradient_still_gives_exactly_zero():
+    """The NaN guards must not turn 0 into NaN: zero direction, zero update, every op."""
+    rng = np.random.default_rng(1)
+    params = two_layer_tree(rng)
+    grads = jax.tree.map(np.zeros_like, params)
+    for name, make in ALL.items():
+        if name in ("project_to_initial_norm", "cap_norm_increase", "adapt_copy"):
+            continue
+        tx = make()
+        u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        for leaf in jax.tree.leaves(u):
+            assert np.all(np.asarray(leaf) == 0), name
