@@ -21,6 +21,7 @@ from ._layers import (
     check_params,
     layer_depths,
     layer_dots,
+    nan_where,
     pow2,
     scaled_layer_dots,
     scaled_layer_norm,
@@ -31,13 +32,6 @@ DEFAULT_PARALLEL_TOL = 1e-3
 # Fused Layca recomputes ‖s⊥‖² in a second pass when ‖s‖/‖s⊥‖ exceeds this (float32 error of
 # the one-pass c − b²/a is then above ~1e-6 relative).
 PRECISE_RATIO = 4.0
-_NAN = float("nan")
-
-
-def nan_where(poisoned: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` with NaN in the layers flagged ``poisoned``: a NaN or Inf that came in must come
-    out visibly, never as the plausible 0 that a ``jnp.where`` guard would make of it."""
-    return jnp.where(poisoned, _NAN, x)
 
 
 def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:

@@ -259,6 +259,12 @@ SUM_HUGE = 2.0**100
 _NAN = float("nan")
 
 
+def nan_where(poisoned: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` with NaN in the layers flagged ``poisoned``: a NaN or Inf that came in must come
+    out visibly, never as the plausible 0 that a ``jnp.where`` guard would make of it."""
+    return jnp.where(poisoned, _NAN, x)
+
+
 def pow2(e: jax.Array) -> jax.Array:
     """Exact float32 ``2**e`` for int32 ``e`` in ``[-126, 127]`` (built from its bits)."""
     bits = (jnp.asarray(e, jnp.int32) + 127) << 23
@@ -270,36 +276,50 @@ def reduced_size(lo: LeafLayout, shape: Sequence[int]) -> int:
     return int(np.prod([shape[a] for a in lo.reduce_axes], dtype=np.int64))
 
 
-def scaled_layer_dots(lo: LeafLayout, pairs: Sequence[tuple[int, int]], *xs: jax.Array):
+def scaled_layer_dots(
+    lo: LeafLayout,
+    pairs: Sequence[tuple[int, int]],
+    *xs: jax.Array,
+    groups: Sequence[int] | None = None,
+):
     """:func:`layer_dots` that stay exact at any float32 scale: ``(dots, exponents)``.
 
-    Returns the per-layer dots of the rescaled inputs ``x_i · 2^-e_i`` and the int32 per-layer
-    exponents ``e_i`` (keepdims), so that ``xs[i]·xs[j] = dots[k] · 2^(e_i + e_j)``. Every
-    input needs its square among ``pairs``. When every such square lies in
-    ``[n SUM_TINY, SUM_HUGE]`` (the usual case) the exponents are 0 and the dots are those of
-    one :func:`layer_dots` pass. Otherwise, and only then (``lax.cond``, one extra pass for
-    the per-layer ``max |x_i|``), each input is rescaled by the power of two ``2^-e_i`` that
-    brings its largest entry into ``[0.5, 1)`` (exact: only the exponent changes) and the dots
-    are recomputed. A layer with a NaN or Inf entry in any input gets NaN dots.
+    Returns the per-layer dots of the rescaled inputs ``x_i · 2^-e_g`` and the int32
+    per-layer exponent ``e_g`` of each group ``g`` (keepdims): inputs in one group (``groups[i]``,
+    default: each input its own) share an exponent, so that ``xs[i]·xs[j] = dots[k] · 2^(e_gi
+    + e_gj)``. Every input needs its square among ``pairs``. When, in every group, the largest
+    square lies in ``[n SUM_TINY, SUM_HUGE]`` and none is above (the usual case) the exponents
+    are 0 and the dots are those of one :func:`layer_dots` pass. Otherwise, and only then
+    (``lax.cond``; one extra pass for the per-layer ``max |x_i|``), each group is rescaled by
+    the power of two ``2^-e_g`` that brings its largest entry into ``[0.5, 1)`` (exact: only
+    exponents change) and the dots are recomputed. A layer with a NaN or Inf entry in any
+    input gets NaN dots.
     """
+    groups = tuple(range(len(xs))) if groups is None else tuple(groups)
     dots = layer_dots(lo, pairs, *xs)
-    diag = {i: k for k, (i, j) in enumerate(pairs) if i == j}
+    diag = {i: dots[k] for k, (i, j) in enumerate(pairs) if i == j}
     if set(diag) != set(range(len(xs))):
         raise ValueError("scaled_layer_dots: every input needs its square among `pairs`.")
     tiny = reduced_size(lo, xs[0].shape) * SUM_TINY
-    bad = [~((dots[diag[i]] >= tiny) & (dots[diag[i]] <= SUM_HUGE)) for i in range(len(xs))]
-    zeros = tuple(jnp.zeros(dots[0].shape, jnp.int32) for _ in xs)
+    members = {g: [i for i in range(len(xs)) if groups[i] == g] for g in sorted(set(groups))}
+    bad = [(functools.reduce(jnp.maximum, [diag[i] for i in m]) < tiny)
+           | functools.reduce(jnp.logical_or, [~(diag[i] <= SUM_HUGE) for i in m])
+           for m in members.values()]
+    zeros = {g: jnp.zeros(dots[0].shape, jnp.int32) for g in members}
 
     def rescaled():
         peaks = [jnp.max(jnp.abs(x.astype(jnp.float32)), lo.reduce_axes, keepdims=True)
                  for x in xs]
-        exps = tuple(jnp.clip(jnp.frexp(m)[1], -126, 126).astype(jnp.int32) for m in peaks)
+        exps = {g: jnp.clip(jnp.frexp(functools.reduce(jnp.maximum, [peaks[i] for i in m]))[1],
+                            -126, 126).astype(jnp.int32) for g, m in members.items()}
         finite = functools.reduce(jnp.logical_and, [jnp.isfinite(m) for m in peaks])
-        out = layer_dots(lo, pairs, *(x.astype(jnp.float32) * pow2(-e) for x, e in zip(xs, exps)))
+        out = layer_dots(lo, pairs, *(x.astype(jnp.float32) * pow2(-exps[g])
+                                      for x, g in zip(xs, groups)))
         return tuple(jnp.where(finite, d, _NAN) for d in out), exps
 
-    return jax.lax.cond(jnp.any(functools.reduce(jnp.logical_or, bad)), rescaled,
-                        lambda: (dots, zeros))
+    dots, exps = jax.lax.cond(jnp.any(functools.reduce(jnp.logical_or, bad)), rescaled,
+                              lambda: (dots, zeros))
+    return dots, tuple(exps[g] for g in members)
 
 
 def scaled_layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:

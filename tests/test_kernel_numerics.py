@@ -200,3 +200,74 @@ def test_zero_gradient_still_gives_exactly_zero():
         u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
         for leaf in jax.tree.leaves(u):
             assert np.all(np.asarray(leaf) == 0), name
+
+
+# ----------------------------------------------------------------------------- monitor
+
+
+@functools.cache
+def monitor_update(wrapped: bool):
+    tx = ol.track_rotation(optax.sgd(1.0) if wrapped else None)
+    return tx, jax.jit(tx.update)
+
+
+def monitor_figures(params, updates, init_params=None, wrapped=False):
+    tx, update = monitor_update(wrapped)
+    state = tx.init(params if init_params is None else init_params)
+    _, state = update(updates, state, params)
+    return {n: {k: np.asarray(v, np.float64) for k, v in getattr(state, n).items()}
+            for n in ("step_angle", "cosine_distance", "weight_norm", "update_norm", "grad_norm")}
+
+
+@pytest.mark.parametrize("where", ["params", "update"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_monitor_propagates_nan_never_reports_zero(where, bad):
+    rng = np.random.default_rng(2)
+    params = {"k": {"kernel": rng.standard_normal((8, 16)).astype(np.float32)},
+              "m": {"kernel": rng.standard_normal((16, 16)).astype(np.float32)}}
+    updates = jax.tree.map(lambda x: 1e-2 * rng.standard_normal(x.shape).astype(np.float32), params)
+    init = jax.tree.map(np.copy, params)
+    (params if where == "params" else updates)["k"]["kernel"][3, 4] = bad
+    figs = monitor_figures(params, updates, init)
+    for name in ("step_angle", "cosine_distance", "weight_norm"):
+        assert np.isnan(figs[name]["k/kernel"]) or np.isinf(figs[name]["k/kernel"]), name
+        assert np.isfinite(figs[name]["m/kernel"]), name
+    assert np.isnan(figs["step_angle"]["k/kernel"]) and np.isnan(figs["cosine_distance"]["k/kernel"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_monitor_measures_the_params_as_stored_in_low_precision(dtype):
+    """bf16/f16: the figures are those of (w + u).astype(dtype), what apply_updates stores."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((16, 32)), dtype)
+    tiny = (1e-5 * w).astype(dtype)  # each entry below half an ulp of its weight
+    step = 0.05 * jnp.asarray(rng.standard_normal((16, 32)), dtype)
+    stored = optax.apply_updates({"k": w}, {"k": step})["k"]
+    assert bool(jnp.all(optax.apply_updates({"k": w}, {"k": tiny})["k"] == w))
+    figs = monitor_figures({"k": {"kernel": w}}, {"k": {"kernel": tiny}})
+    assert figs["step_angle"]["k/kernel"] == 0 and figs["update_norm"]["k/kernel"] == 0
+    figs = monitor_figures({"k": {"kernel": w}}, {"k": {"kernel": step}})
+    w64, s64 = np.asarray(w, np.float64), np.asarray(stored, np.float64)
+    # The stored values are exact in float32 and so are their differences (same binade or
+    # Sterbenz): only the float32 sums round, a few eps relative.
+    np.testing.assert_allclose(figs["step_angle"]["k/kernel"], angle(w64, s64), rtol=64 * EPS)
+    np.testing.assert_allclose(figs["update_norm"]["k/kernel"], np.linalg.norm(s64 - w64),
+                               rtol=64 * EPS)
+    np.testing.assert_allclose(figs["weight_norm"]["k/kernel"], np.linalg.norm(s64), rtol=8 * EPS)
+
+
+@pytest.mark.parametrize("w_scale", [1e-30, 1e-19, 1e19, 1e30])
+def test_monitor_is_right_for_tiny_and_huge_layers(w_scale):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((8, 16))
+    g = direction(w, 5, 0.3)
+    u = -0.1 * g / np.linalg.norm(g) * np.linalg.norm(w)
+    ref = monitor_figures(tree(w), tree(u), wrapped=True)
+    got = monitor_figures(tree(w * w_scale), tree(u * w_scale), wrapped=True)
+    k = "k/kernel"
+    # same float32 evaluation on power-of-two-rescaled copies: equal up to the eps/2 rounding
+    # of the scaled inputs, amplified by at most the step angle's condition (a few)
+    for name in ("step_angle", "cosine_distance"):
+        np.testing.assert_allclose(got[name][k], ref[name][k], rtol=16 * EPS)
+    for name in ("weight_norm", "update_norm", "grad_norm"):
+        np.testing.assert_allclose(got[name][k] / w_scale, ref[name][k], rtol=16 * EPS)

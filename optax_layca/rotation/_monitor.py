@@ -17,7 +17,11 @@ from .._layers import (
     LeafLayout,
     check_same_structure,
     kept_shape,
-    layer_dot,
+    layer_dots,
+    nan_where,
+    pow2,
+    scaled_layer_dots,
+    scaled_layer_norm,
     squeeze_reduced,
 )
 from ._angles import cosine_distance_of_angle
@@ -47,7 +51,8 @@ class TrackRotationState(NamedTuple):
       grad_norm: norm of the incoming updates (the raw gradient when ``track_rotation`` wraps
         the optimizer or is placed first; equals ``update_norm`` when placed last).
       weight_norm: norm of the parameters after the last update (``‖w⁰‖`` at init).
-      update_norm: norm of the final update.
+      update_norm: norm of the change of the stored parameters, ``‖w' - w‖`` (the final
+        update, rounded as ``apply_updates`` stores it).
       tracked_state: state of the wrapped transform (``optax.EmptyState()`` when none).
     """
 
@@ -68,56 +73,73 @@ _NEAR_INIT = 1e-6  # ‖w - w⁰‖² below this fraction of ‖w⁰‖²: recom
 
 
 def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
-    """Per-layer (step angle, cosine distance to w⁰, ‖g‖, ‖w+u‖, ‖u‖), float32 keepdims.
+    """Per-layer (step angle, cosine distance to w⁰, ‖g‖, ‖w'‖, ‖w' - w‖), float32 keepdims.
 
-    Four or five dot products per layer (XLA:CPU does not fuse sibling reductions, so each
-    re-reads its operands; fewer is faster): ``w·w, w·u, u·u, e·e`` with ``e = w + u - w⁰``,
-    and ``g·g``. With ``a = ‖w⁰‖`` (stored at init) and ``b = ‖w + u‖``:
+    ``w' = (w + u).astype(w.dtype)`` are the parameters as ``optax.apply_updates`` stores them:
+    with bf16/f16 params the figures describe the rotation that actually happened to the
+    stored weights (a step below their resolution is a step of 0), not the update's intent.
 
-    * step angle ``atan2(‖u_⊥‖ ‖w‖, w·w + w·u)``, ``‖u_⊥‖² = u·u - (w·u)²/w·w``;
+    One pass of dot products per layer (:func:`~optax_layca._layers.layer_dots`): ``w·w, w·d,
+    d·d, e·e`` with ``d = w' - w`` and ``e = w' - w⁰``, and ``g·g``. With ``a = ‖w⁰‖`` (stored
+    at init) and ``b = ‖w'‖``:
+
+    * step angle ``atan2(‖d_⊥‖ ‖w‖, w·w + w·d)``, ``‖d_⊥‖² = d·d - (w·d)²/w·w``;
     * cosine distance ``(‖e‖² - (b - a)²) / (2ab)`` (law of cosines), ``b - a = (b² - a²)/(a + b)``.
 
     Both subtractions cancel only for nearly radial vectors (their tangential part below 1e-3
     of the total, e.g. pure weight decay), and the second one also loses digits within
     ~1e-3 rad of ``w⁰``; then, and only then (``lax.cond``), the projections are formed
-    explicitly as in :func:`angle`.
+    explicitly as in :func:`angle`. The sums run on power-of-two rescaled copies when a layer
+    is tiny or huge (:func:`~optax_layca._layers.scaled_layer_dots`). A NaN or Inf in ``w``,
+    ``u`` or ``w⁰`` gives NaN angle and distance, never 0.
     """
-    w, u, w0 = (x.astype(jnp.float32) for x in (w, u, w0))
-    e = (w - w0) + u  # not (w + u) - w⁰: that rounds w + u at the scale of ‖w‖
-    ww, wu, uu, ee = (
-        layer_dot(w, w, lo),
-        layer_dot(w, u, lo),
-        layer_dot(u, u, lo),
-        layer_dot(e, e, lo),
-    )
-    gg = uu if g is None else layer_dot(g, g, lo)
+    w32, w0_32 = w.astype(jnp.float32), w0.astype(jnp.float32)
+    new = w32 + u.astype(jnp.float32)
+    if w.dtype != jnp.float32:
+        # round to the param dtype as apply_updates does; reduce_precision, not a round trip
+        # through astype, which XLA may drop as "excess precision"
+        info = jnp.finfo(w.dtype)
+        new = jax.lax.reduce_precision(new, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    d, e = new - w32, new - w0_32  # differences of stored values: exact in float32 near w
+    xs, pairs = (w32, d, e), ((0, 0), (0, 1), (1, 1), (2, 2))
+    if g is not None:
+        xs, pairs = xs + (g,), pairs + ((3, 3),)
+    dots, exps = scaled_layer_dots(lo, pairs, *xs, groups=(0, 0, 0, 1)[: len(xs)])
+    ww, wd, dd, ee = dots[:4]
+    gg, eg = (dd, exps[0]) if g is None else (dots[4], exps[1])
+    unit = pow2(-exps[0])  # the figures below are in units of the rescaled w, d, e
     ww_safe = jnp.where(ww > 0, ww, 1.0)
-    nn = jnp.maximum(ww + 2.0 * wu + uu, 0.0)  # ‖w + u‖²
-    a, b = n0, jnp.sqrt(nn)
-    up2 = jnp.maximum(uu - wu * (wu / ww_safe), 0.0)
+    nn = jnp.maximum(ww + 2.0 * wd + dd, 0.0)  # ‖w'‖²
+    a, b = n0 * unit, jnp.sqrt(nn)
+    dp2 = jnp.maximum(dd - wd * (wd / ww_safe), 0.0)
     radial = (nn - a * a) / jnp.where(a + b > 0, a + b, 1.0)
     tangential2 = jnp.maximum(ee - radial * radial, 0.0)  # 2ab (1 - cos)
     # also near w⁰ (angle ≲ 1e-3): there the rounding of b - a (~1e-7 a) matters against ‖e‖
     near_init = ee < _NEAR_INIT * a * a
-    inexact = jnp.any(up2 < _CANCEL * uu) | jnp.any((tangential2 < _CANCEL * ee) | near_init)
+    inexact = jnp.any(dp2 < _CANCEL * dd) | jnp.any((tangential2 < _CANCEL * ee) | near_init)
 
-    def explicit(_):
+    def explicit():
+        ws, ds, es, w0s = (x * unit for x in (w32, d, e, w0_32))
         # projected twice: the second pass removes the radial residue left by rounding
-        u_perp = u - (wu / ww_safe) * w
-        u_perp = u_perp - (layer_dot(u_perp, w, lo) / ww_safe) * w
+        d_perp = ds - (wd / ww_safe) * ws
+        d_perp = d_perp - (layer_dots(lo, ((0, 1),), d_perp, ws)[0] / ww_safe) * ws
         w00 = jnp.where(a > 0, a * a, 1.0)
-        ew = layer_dot(e, w0, lo)
-        e_perp = e - (ew / w00) * w0
-        e_perp = e_perp - (layer_dot(e_perp, w0, lo) / w00) * w0
-        theta = jnp.arctan2(jnp.sqrt(layer_dot(e_perp, e_perp, lo)) * a, a * a + ew)
-        return layer_dot(u_perp, u_perp, lo), 2.0 * a * b * cosine_distance_of_angle(theta)
+        ew = layer_dots(lo, ((0, 1),), es, w0s)[0]
+        e_perp = es - (ew / w00) * w0s
+        e_perp = e_perp - (layer_dots(lo, ((0, 1),), e_perp, w0s)[0] / w00) * w0s
+        dpp, epp = layer_dots(lo, ((0, 0), (1, 1)), d_perp, e_perp)
+        theta = jnp.arctan2(jnp.sqrt(epp) * a, a * a + ew)
+        return dpp, 2.0 * a * b * cosine_distance_of_angle(theta)
 
-    up2, tangential2 = jax.lax.cond(inexact, explicit, lambda _: (up2, tangential2), None)
-    step = jnp.arctan2(jnp.sqrt(up2) * jnp.sqrt(ww), ww + wu)
+    dp2, tangential2 = jax.lax.cond(inexact, explicit, lambda: (dp2, tangential2))
+    step = jnp.arctan2(jnp.sqrt(dp2) * jnp.sqrt(ww), ww + wd)
     step = jnp.where((ww > 0) & (nn > 0), step, 0.0)
     ab = a * b
     cos_dist = jnp.where(ab > 0, jnp.clip(tangential2 / jnp.where(ab > 0, 2.0 * ab, 1.0), 0, 2), 0)
-    return step, cos_dist, jnp.sqrt(gg), b, jnp.sqrt(uu)
+    poisoned = jnp.isnan(ww + wd + dd + ee + n0)  # a NaN/Inf in w, u or w⁰ must show
+    step, cos_dist = nan_where(poisoned, step), nan_where(poisoned, cos_dist)
+    scale = pow2(exps[0])
+    return step, cos_dist, jnp.sqrt(gg) * pow2(eg), b * scale, jnp.sqrt(dd) * scale
 
 
 def track_rotation(
@@ -151,7 +173,12 @@ def track_rotation(
 
     with the accurate angles of :func:`angle` (exact for steps of 1e-6 rad, 0 for zero-norm
     layers), from one fused pass of dot products per layer (explicit projections are added,
-    under a ``lax.cond``, only for nearly radial updates where that pass would cancel). The figures are ``{layer path: float32}`` dicts in named fields of
+    under a ``lax.cond``, only for nearly radial updates where that pass would cancel).
+    ``w'`` is ``(w + u).astype(w.dtype)``, the parameters as ``optax.apply_updates`` stores
+    them: with bf16/f16 params the figures are the rotation that actually happened to the
+    stored weights (an update below their resolution rotates by 0), and ``update_norm`` is
+    ``‖w' - w‖``. A NaN or Inf in the params, update or ``w⁰`` gives NaN figures for that
+    layer, never a plausible 0. The figures are ``{layer path: float32}`` dicts in named fields of
     :class:`TrackRotationState`, so ``optax.tree.get(opt_state, "cosine_distance")`` reads
     them after a jitted step; shapes never change, so there is no recompilation.
 
@@ -164,8 +191,8 @@ def track_rotation(
     It stores a copy of every layer at ``init`` (memory: one extra copy of the layer leaves).
     Non-layer leaves (biases, norm scales) are not tracked.
 
-    Cost: one fused set of per-layer dot products over ``(w, u, w⁰, g)`` per step, i.e. a few
-    reads of the parameters (``benchmarks/monitor_overhead.py``). With ``every=k`` the figures
+    Cost: one pass of per-layer dot products over ``(w, u, w⁰, g)`` per step, i.e. four reads
+    of the layers (``benchmarks/train_step.py``). With ``every=k`` the figures
     are computed on updates ``k, 2k, …`` only (``lax.cond``; held in between), for ~1/k of
     the cost; ``cumulative_angle`` is then the estimate ``k · Σ`` (measured step angles).
 
@@ -220,12 +247,12 @@ def track_rotation(
         return TrackRotationState(
             rotation_step=jnp.zeros((), jnp.int32),
             initial_layers={lo.path: jnp.copy(x) for lo, x in layers},
-            initial_layer_norm={lo.path: jnp.sqrt(layer_dot(x, x, lo)) for lo, x in layers},
+            initial_layer_norm={lo.path: scaled_layer_norm(x, lo) for lo, x in layers},
             cosine_distance=zeros(),
             step_angle=zeros(),
             cumulative_angle=zeros(),
             grad_norm=zeros(),
-            weight_norm={lo.path: squeeze_reduced(jnp.sqrt(layer_dot(x, x, lo)), lo) for lo, x in layers},
+            weight_norm={lo.path: squeeze_reduced(scaled_layer_norm(x, lo), lo) for lo, x in layers},
             update_norm=zeros(),
             tracked_state=inner.init(params),
         )
