@@ -84,7 +84,11 @@ def stacked_axis(path: str, leaf) -> int | None:
 
 
 def build_models(quick: bool) -> dict:
-    """``{name: (apply(params, x), params, x, y, layer_axis)}``; y are integer labels."""
+    """``{name: (apply(params, x), params, xs, ys, layer_axis)}``: ``STEPS_PER_SAMPLE`` batches
+    of random inputs ``xs`` and integer labels ``ys``, one per step of a sample. Fresh batches
+    keep the gradients changing as in training: on one repeated batch the weights settle
+    where the gradient is nearly radial and Layca would time its near-parallel path."""
+    nb = STEPS_PER_SAMPLE
     rng = np.random.default_rng(0)
     if quick:
         mlp, cnn_f, img, batch = (64, 128, 128, 10), (8, 16), (8, 8, 3), 16
@@ -94,20 +98,21 @@ def build_models(quick: bool) -> dict:
         tf = dict(vocab=512, dim=128, heads=4, mlp=512, depth=4, seq=64, batch=16)
     out = {}
     fc = models.FCNet(num_classes=mlp[-1], hidden=mlp[1:-1])
-    x = rng.normal(size=(2 * batch, mlp[0])).astype(np.float32)
+    x = rng.normal(size=(nb, 2 * batch, mlp[0])).astype(np.float32)
     out[f"MLP {'-'.join(map(str, mlp))}"] = (
         models.apply_fn(fc), models.init_params(fc, (mlp[0],)), x,
-        rng.integers(0, mlp[-1], len(x)), None)
+        rng.integers(0, mlp[-1], x.shape[:2]), None)
     cnn = models.SmallCNN(num_classes=10, features=cnn_f)
-    x = rng.normal(size=(batch, *img)).astype(np.float32)
+    x = rng.normal(size=(nb, batch, *img)).astype(np.float32)
     out[f"CNN {'-'.join(map(str, cnn_f))} on {'x'.join(map(str, img))}"] = (
-        models.apply_fn(cnn), models.init_params(cnn, img), x, rng.integers(0, 10, batch), None)
+        models.apply_fn(cnn), models.init_params(cnn, img), x, rng.integers(0, 10, (nb, batch)),
+        None)
     tfm = ScannedTransformer(tf["vocab"], tf["dim"], tf["heads"], tf["mlp"], tf["depth"])
-    tokens = rng.integers(0, tf["vocab"], (tf["batch"], tf["seq"] + 1))
-    params = tfm.init(jax.random.key(0), jnp.asarray(tokens[:, :-1]))["params"]
+    tokens = rng.integers(0, tf["vocab"], (nb, tf["batch"], tf["seq"] + 1))
+    params = tfm.init(jax.random.key(0), jnp.asarray(tokens[0, :, :-1]))["params"]
     name = f"Transformer {tf['depth']}x(d{tf['dim']}, mlp{tf['mlp']}) nn.scan, seq {tf['seq']}"
-    out[name] = (lambda p, t: tfm.apply({"params": p}, t), params, tokens[:, :-1],
-                 tokens[:, 1:], stacked_axis)
+    out[name] = (lambda p, t: tfm.apply({"params": p}, t), params, tokens[..., :-1],
+                 tokens[..., 1:], stacked_axis)
     return out
 
 
@@ -153,8 +158,9 @@ def peak_bytes(compiled) -> int:
             + m.temp_size_in_bytes)
 
 
-def bench_model(name, apply, params0, x, y, layer_axis, repeats, quick):
-    x, y = jnp.asarray(x), jnp.asarray(y)
+def bench_model(name, apply, params0, xs, ys, layer_axis, repeats, quick):
+    batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in zip(xs, ys)]
+    x, y = batches[0]
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     param_bytes = sum(v.nbytes for v in jax.tree.leaves(params0))
     cands = optimizers(layer_axis, quick)
@@ -167,8 +173,8 @@ def bench_model(name, apply, params0, x, y, layer_axis, repeats, quick):
         carry = [copy(params0), tx.init(copy(params0))]
 
         def run(step=step, carry=carry):
-            for _ in range(STEPS_PER_SAMPLE):
-                carry[0], carry[1], loss = step(carry[0], carry[1], x, y)
+            for xb, yb in batches:
+                carry[0], carry[1], loss = step(carry[0], carry[1], xb, yb)
             return loss
 
         fns[label] = run
