@@ -204,6 +204,45 @@ def bench_model(name: str, shapes: dict[str, tuple], repeats: int) -> list[dict]
     return rows
 
 
+def notes_text(targets: dict, h: dict, repeats: int, quick: bool) -> str:
+    """The Markdown notes: protocol, the donation analysis (HLO facts ``h`` of fused Layca)."""
+    return (
+        "Jitted `tx.update` + `optax.apply_updates`, median of "
+        f"{repeats} interleaved repeats{' (quick mode)' if quick else ''}; every candidate "
+        "runs with params/state donated (in place, as in a training loop) and without; ratios "
+        "are within each regime. The gradient alternates between g and -g (see below). "
+        "`layca` uses the raw gradient as its direction (like `optax.sgd`), `optax.lars` its "
+        "defaults (momentum 0.9, weight decay, trust ratio); `prototype (12 lines)` is the bare "
+        "fused formula (three `jnp.sum`, scalar algebra, one elementwise pass, no safeguards); "
+        f"`{NEAR_PARALLEL}` feeds a gradient with ‖g‖/‖g⊥‖ ≈ 100 so that every layer takes the "
+        "second pass. HLO column: outputs aliased to donated inputs / `copy` ops / "
+        "`conditional` ops in the compiled module; temp: its temporary buffers.\n\n"
+        "**Why donation seemed not to help Layca** (37.5 ms donated vs 34.8 ms not, in the "
+        "previous run): not the HLO. Donated, the compiled module aliases every param and state "
+        f"output to its input ({h['aliased_outputs']} aliases), has {h['copies']} copies, and "
+        "each leaf's final elementwise fusion writes its parameter buffer in place; the per-leaf "
+        f"`lax.cond` of the near-parallel pass ({h['conditionals']} conditionals) costs nothing "
+        "when it is not taken, apart from a temporary the size of the largest leaf for its "
+        f"materialised s⊥ ({h['temp_mib']:.1f} MiB, allocated but untouched). The benchmark "
+        "was wrong: it fed the same gradient g at every step, so every Layca layer turned "
+        "towards -g by arctan(0.1) per step and, from the 14th step on, was within 14.5° of "
+        "it (‖g‖/‖g⊥‖ > 4): then the fused form rightly takes the second pass (two more "
+        "reductions over s⊥), and the medians mixed the two paths, differently for each "
+        "regime. With g alternating in sign, donation saves Layca what it saves SGD (one "
+        "fresh output buffer per leaf). The ~40% gap to the prototype had the same cause, "
+        "plus (then) three sibling `jnp.sum` reductions where the package now makes one "
+        "variadic pass (`layer_dots`: 2 tensor reads for w·w, s·w, s·s instead of 4).\n\n"
+        "The machine is a shared 2-core CPU (other jobs running): ratios move by about "
+        "±0.3 between runs. "
+        f"Targets on WRN (donated): fused ≤ 3× optax.sgd → {targets['fused_vs_sgd']:.2f}×; "
+        f"≤ 0.5× optax.lars → {targets['fused_vs_optax_lars']:.2f}×; "
+        f"{targets['fused_vs_prototype']:.2f}× the prototype; near-parallel steps "
+        f"{targets['near_parallel_vs_fused']:.2f}× the usual ones. Not donated: "
+        f"{targets['not_donated_fused_vs_sgd']:.2f}× optax.sgd, "
+        f"{targets['not_donated_fused_vs_optax_lars']:.2f}× optax.lars."
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="seconds: a narrow WRN, 3 repeats")
@@ -255,42 +294,7 @@ def main(argv=None) -> int:
         ]
         for r in rows
     ]
-    h = fused["hlo"]
-    notes = (
-        "Jitted `tx.update` + `optax.apply_updates`, median of "
-        f"{repeats} interleaved repeats{' (quick mode)' if args.quick else ''}; every candidate "
-        "runs with params/state donated (in place, as in a training loop) and without; ratios "
-        "are within each regime. The gradient alternates between g and -g (see below). "
-        "`layca` uses the raw gradient as its direction (like `optax.sgd`), `optax.lars` its "
-        "defaults (momentum 0.9, weight decay, trust ratio); `prototype (12 lines)` is the bare "
-        "fused formula (three `jnp.sum`, scalar algebra, one elementwise pass, no safeguards); "
-        f"`{NEAR_PARALLEL}` feeds a gradient with ‖g‖/‖g⊥‖ ≈ 100 so that every layer takes the "
-        "second pass. HLO column: outputs aliased to donated inputs / `copy` ops / "
-        "`conditional` ops in the compiled module; temp: its temporary buffers.\n\n"
-        "**Why donation seemed not to help Layca** (37.5 ms donated vs 34.8 ms not, in the "
-        "previous run): not the HLO. Donated, the compiled module aliases every param and state "
-        f"output to its input ({h['aliased_outputs']} aliases), has {h['copies']} copies, and "
-        "each leaf's final elementwise fusion writes its parameter buffer in place; the per-leaf "
-        f"`lax.cond` of the near-parallel pass ({h['conditionals']} conditionals) costs nothing "
-        "when it is not taken, apart from a temporary the size of the largest leaf for its "
-        f"materialised s⊥ ({h['temp_mib']:.1f} MiB, allocated but untouched). The benchmark "
-        "was wrong: it fed the same gradient g at every step, so every Layca layer turned "
-        "towards -g by arctan(0.1) per step and, from the 14th step on, was within 14.5° of "
-        "it (‖g‖/‖g⊥‖ > 4): then the fused form rightly takes the second pass (two more "
-        "reductions over s⊥), and the medians mixed the two paths, differently for each "
-        "regime. With g alternating in sign, donation saves Layca what it saves SGD (one "
-        "fresh output buffer per leaf). The ~40% gap to the prototype had the same cause, "
-        "plus (then) three sibling `jnp.sum` reductions where the package now makes one "
-        "variadic pass (`layer_dots`: 2 tensor reads for w·w, s·w, s·s instead of 4).\n\n"
-        "The machine is a shared 2-core CPU (other jobs running): ratios move by about "
-        "±0.3 between runs. "
-        f"Targets on WRN (donated): fused ≤ 3× optax.sgd → {targets['fused_vs_sgd']:.2f}×; "
-        f"≤ 0.5× optax.lars → {targets['fused_vs_optax_lars']:.2f}×; "
-        f"{targets['fused_vs_prototype']:.2f}× the prototype; near-parallel steps "
-        f"{targets['near_parallel_vs_fused']:.2f}× the usual ones. Not donated: "
-        f"{targets['not_donated_fused_vs_sgd']:.2f}× optax.sgd, "
-        f"{targets['not_donated_fused_vs_optax_lars']:.2f}× optax.lars."
-    )
+    notes = notes_text(targets, fused["hlo"], repeats, args.quick)
     write_results(
         "update_step",
         {"quick": args.quick, "repeats": repeats, "rows": rows, "targets": targets},

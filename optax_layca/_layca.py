@@ -34,6 +34,18 @@ DEFAULT_PARALLEL_TOL = 1e-3
 PRECISE_RATIO = 4.0
 
 
+def new_and_u(w: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(w + u, u)`` in float32: the inputs of op 4's sums, derived inside each reduction."""
+    u32 = u.astype(jnp.float32)
+    return w.astype(jnp.float32) + u32, u32
+
+
+def w_and_new(w: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(w, w + u)`` in float32: the inputs of the norm cap's sums."""
+    w32 = w.astype(jnp.float32)
+    return w32, w32 + u.astype(jnp.float32)
+
+
 def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
     """‖w⁰‖ per layer (float32, reduced axes kept; a 0-d zero for non-layer leaves).
 
@@ -102,7 +114,7 @@ def project_orthogonal(
             s32, w32 = s.astype(jnp.float32), w.astype(jnp.float32)
             # in units of the rescaled w·2^-ew, s·2^-es (exponents 0 unless a sum would
             # under/overflow): s⊥ is then exact for any scale of s and w
-            (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w32, s32)
+            (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
             beta = jnp.where(a > 0, b / jnp.where(a > 0, a, 1.0), 0.0)
             perp = s32 * pow2(-es) - beta * (w32 * pow2(-ew))
             (pp,) = layer_dots(lo, ((0, 0),), perp)
@@ -146,7 +158,7 @@ def scale_to_weight_norm(
             if not lo.is_layer:
                 return s
             s32 = s.astype(jnp.float32)
-            (ss, ww), (es, ew) = scaled_layer_dots(lo, ((0, 0), (1, 1)), s32, w)
+            (ss, ww), (es, ew) = scaled_layer_dots(lo, ((0, 0), (1, 1)), s, w)
             # ‖w‖/‖s‖ = (‖w'‖/‖s'‖) 2^(ew - es): the powers of two are applied to s apart,
             # exactly, since their ratio alone may not be a float32 (1e30 / 1e-30)
             k = jnp.where(ss > 0, jnp.sqrt(ww) / jnp.sqrt(jnp.where(ss > 0, ss, 1.0)), 0.0)
@@ -203,7 +215,7 @@ def project_to_initial_norm(
                 return u
             w32, u32 = w.astype(jnp.float32), u.astype(jnp.float32)
             new = w32 + u32
-            (nn, uu), (en, _) = scaled_layer_dots(lo, ((0, 0), (1, 1)), new, u32)
+            (nn, uu), (en, _) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=new_and_u)
             # k = ‖w⁰‖ / ‖w'‖ with ‖w'‖ = √nn · 2^en
             k = jnp.where(nn > 0, n0 * pow2(-en) / jnp.sqrt(jnp.where(nn > 0, nn, 1.0)), 1.0)
             # A layer that does not move (zero update) stays exactly put, as in the fused form.
@@ -265,7 +277,7 @@ def cap_norm_increase(
                 return u
             w32 = w.astype(jnp.float32)
             new = w32 + u.astype(jnp.float32)
-            (ww, nn), (ew, en) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w32, new)
+            (ww, nn), (ew, en) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=w_and_new)
             n, n_new = jnp.sqrt(ww) * pow2(ew), jnp.sqrt(nn) * pow2(en)
             limit = n + max_increase * n0
             k = jnp.where(n_new > limit, limit / jnp.where(n_new > 0, n_new, 1.0), 1.0)
@@ -276,8 +288,10 @@ def cap_norm_increase(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def layca_tangent_part(lo: LeafLayout, w: jax.Array, s: jax.Array, a, b, c):
-    """``(‖s⊥‖², b)`` of ``s⊥ = s - (b/a) w`` from the one-pass ``a = w·w, b = s·w, c = s·s``.
+def layca_tangent_part(lo: LeafLayout, w: jax.Array, s: jax.Array, ew, es, a, b, c):
+    """``(‖s⊥‖², b)`` of ``s⊥ = s' - (b/a) w'`` from the one-pass ``a = w'·w', b = s'·w',
+    c = s'·s'`` of ``w' = w 2^-ew, s' = s 2^-es`` (``w``, ``s``: the stored arrays, so that
+    the branch below reads them rather than a materialised rescaled copy).
 
     ``‖s⊥‖² = c − b²/a`` cancels when ``s`` is nearly parallel to ``w`` (``‖s‖/‖s⊥‖ = R``):
     its relative error is ``~eps R²``, i.e. 0.4% at R = 100 and 100% at R ≈ 1000, so the
@@ -291,13 +305,14 @@ def layca_tangent_part(lo: LeafLayout, w: jax.Array, s: jax.Array, a, b, c):
     # b * (b / a), not b² / a: b² overflows where a and c do not
     proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
 
-    def second_pass():
-        perp = s - (b / a_safe) * w
+    def second_pass(w, s):
+        w = w.astype(jnp.float32) * pow2(-ew)
+        perp = s.astype(jnp.float32) * pow2(-es) - (b / a_safe) * w
         e, pp = layer_dots(lo, ((0, 1), (0, 0)), perp, w)
         return jnp.maximum(pp - e * (e / a_safe), 0.0), b + e
 
     near_parallel = jnp.any((a > 0) & (PRECISE_RATIO**2 * proj2 < c))
-    return jax.lax.cond(near_parallel, second_pass, lambda: (proj2, b))
+    return jax.lax.cond(near_parallel, second_pass, lambda w, s: (proj2, b), w, s)
 
 
 def layca_layer_update(
@@ -316,11 +331,9 @@ def layca_layer_update(
     keeps ``‖w⁰‖``, as do tiny or huge weights. NaN or Inf in ``s``, ``w``, ``‖w⁰‖`` or ``ρ``
     gives NaN for that layer.
     """
-    w32 = w.astype(jnp.float32)
-    (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w32, s)
-    s_sc = s.astype(jnp.float32) * pow2(-es)  # multiplied by 1 on the usual path
+    (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
     poisoned = jnp.isnan(a + b + c + n0 + rho)
-    proj2, b = layca_tangent_part(lo, w32 * pow2(-ew), s_sc, a, b, c)
+    proj2, b = layca_tangent_part(lo, w, s, ew, es, a, b, c)
     has_norm = a > 0
     a_safe = jnp.where(has_norm, a, 1.0)
     # A layer that does not rotate (zero or parallel step, or ρ = 0) stays exactly put: no
@@ -340,7 +353,9 @@ def layca_layer_update(
     # on s' = s 2^-es; the factor 2^ew puts the step back at the scale of w
     coef_s = jnp.where(has_norm, -k * rho * inv, 0.0) * pow2(ew)
     coef_w, coef_s = nan_where(poisoned, coef_w), nan_where(poisoned, coef_s)
-    return (coef_w * w32 + coef_s * s_sc).astype(s.dtype)
+    # one elementwise pass (s 2^-es: a multiply by 1 on the usual path)
+    w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
+    return (coef_w * w32 + coef_s * (s32 * pow2(-es))).astype(s.dtype)
 
 
 class ScaleByLaycaState(NamedTuple):

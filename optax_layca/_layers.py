@@ -279,10 +279,15 @@ def reduced_size(lo: LeafLayout, shape: Sequence[int]) -> int:
 def scaled_layer_dots(
     lo: LeafLayout,
     pairs: Sequence[tuple[int, int]],
-    *xs: jax.Array,
+    *raw: jax.Array,
+    make: Callable[..., tuple[jax.Array, ...]] | None = None,
     groups: Sequence[int] | None = None,
 ):
     """:func:`layer_dots` that stay exact at any float32 scale: ``(dots, exponents)``.
+
+    The inputs are ``xs = make(*raw)`` (default: ``raw`` in float32): passing the stored
+    arrays and a function deriving the inputs from them (e.g. ``w + u``) keeps the derived
+    ones fused into the reductions; a ``lax.cond`` operand is always materialised.
 
     Returns the per-layer dots of the rescaled inputs ``x_i · 2^-e_g`` and the int32
     per-layer exponent ``e_g`` of each group ``g`` (keepdims): inputs in one group (``groups[i]``,
@@ -295,6 +300,9 @@ def scaled_layer_dots(
     exponents change) and the dots are recomputed. A layer with a NaN or Inf entry in any
     input gets NaN dots.
     """
+    if make is None:
+        make = lambda *r: tuple(x.astype(jnp.float32) for x in r)  # noqa: E731
+    xs = make(*raw)
     groups = tuple(range(len(xs))) if groups is None else tuple(groups)
     dots = layer_dots(lo, pairs, *xs)
     diag = {i: dots[k] for k, (i, j) in enumerate(pairs) if i == j}
@@ -307,18 +315,17 @@ def scaled_layer_dots(
            for m in members.values()]
     zeros = {g: jnp.zeros(dots[0].shape, jnp.int32) for g in members}
 
-    def rescaled():
-        peaks = [jnp.max(jnp.abs(x.astype(jnp.float32)), lo.reduce_axes, keepdims=True)
-                 for x in xs]
+    def rescaled(*raw):
+        xs = make(*raw)  # recomputed here from the stored arrays
+        peaks = [jnp.max(jnp.abs(x), lo.reduce_axes, keepdims=True) for x in xs]
         exps = {g: jnp.clip(jnp.frexp(functools.reduce(jnp.maximum, [peaks[i] for i in m]))[1],
                             -126, 126).astype(jnp.int32) for g, m in members.items()}
         finite = functools.reduce(jnp.logical_and, [jnp.isfinite(m) for m in peaks])
-        out = layer_dots(lo, pairs, *(x.astype(jnp.float32) * pow2(-exps[g])
-                                      for x, g in zip(xs, groups)))
+        out = layer_dots(lo, pairs, *(x * pow2(-exps[g]) for x, g in zip(xs, groups)))
         return tuple(jnp.where(finite, d, _NAN) for d in out), exps
 
     dots, exps = jax.lax.cond(jnp.any(functools.reduce(jnp.logical_or, bad)), rescaled,
-                              lambda: (dots, zeros))
+                              lambda *raw: (dots, zeros), *raw)
     return dots, tuple(exps[g] for g in members)
 
 

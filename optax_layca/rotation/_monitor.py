@@ -72,6 +72,24 @@ _CANCEL = 1e-3  # one-pass ‖x_⊥‖² below this fraction of ‖x‖²: recom
 _NEAR_INIT = 1e-6  # ‖w - w⁰‖² below this fraction of ‖w⁰‖²: recompute the distance explicitly
 
 
+def _monitored_vectors(w, u, w0, g=None, *, dtype):
+    """``(w, d, e[, g])`` in float32, ``d = w' - w``, ``e = w' - w⁰``, ``w'`` as stored.
+
+    Derived inside each reduction (and each ``lax.cond`` branch) from the stored arrays, so
+    that ``d`` and ``e`` are never materialised.
+    """
+    w32 = w.astype(jnp.float32)
+    new = w32 + u.astype(jnp.float32)
+    if dtype != jnp.float32:
+        # round to the param dtype as apply_updates does; reduce_precision, not a round trip
+        # through astype, which XLA may drop as "excess precision"
+        info = jnp.finfo(dtype)
+        new = jax.lax.reduce_precision(new, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    # differences of stored values: exact in float32 near w
+    out = (w32, new - w32, new - w0.astype(jnp.float32))
+    return out if g is None else out + (g.astype(jnp.float32),)
+
+
 def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     """Per-layer (step angle, cosine distance to w⁰, ‖g‖, ‖w'‖, ‖w' - w‖), float32 keepdims.
 
@@ -93,18 +111,10 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     is tiny or huge (:func:`~optax_layca._layers.scaled_layer_dots`). A NaN or Inf in ``w``,
     ``u`` or ``w⁰`` gives NaN angle and distance, never 0.
     """
-    w32, w0_32 = w.astype(jnp.float32), w0.astype(jnp.float32)
-    new = w32 + u.astype(jnp.float32)
-    if w.dtype != jnp.float32:
-        # round to the param dtype as apply_updates does; reduce_precision, not a round trip
-        # through astype, which XLA may drop as "excess precision"
-        info = jnp.finfo(w.dtype)
-        new = jax.lax.reduce_precision(new, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    d, e = new - w32, new - w0_32  # differences of stored values: exact in float32 near w
-    xs, pairs = (w32, d, e), ((0, 0), (0, 1), (1, 1), (2, 2))
-    if g is not None:
-        xs, pairs = xs + (g,), pairs + ((3, 3),)
-    dots, exps = scaled_layer_dots(lo, pairs, *xs, groups=(0, 0, 0, 1)[: len(xs)])
+    raw = (w, u, w0) if g is None else (w, u, w0, g)
+    make = functools.partial(_monitored_vectors, dtype=w.dtype)
+    pairs = ((0, 0), (0, 1), (1, 1), (2, 2)) + (() if g is None else ((3, 3),))
+    dots, exps = scaled_layer_dots(lo, pairs, *raw, make=make, groups=(0, 0, 0, 1)[: len(raw)])
     ww, wd, dd, ee = dots[:4]
     gg, eg = (dd, exps[0]) if g is None else (dots[4], exps[1])
     unit = pow2(-exps[0])  # the figures below are in units of the rescaled w, d, e
@@ -118,8 +128,9 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     near_init = ee < _NEAR_INIT * a * a
     inexact = jnp.any(dp2 < _CANCEL * dd) | jnp.any((tangential2 < _CANCEL * ee) | near_init)
 
-    def explicit():
-        ws, ds, es, w0s = (x * unit for x in (w32, d, e, w0_32))
+    def explicit(w, u, w0):
+        ws, ds, es = (x * unit for x in make(w, u, w0))
+        w0s = w0.astype(jnp.float32) * unit
         # projected twice: the second pass removes the radial residue left by rounding
         d_perp = ds - (wd / ww_safe) * ws
         d_perp = d_perp - (layer_dots(lo, ((0, 1),), d_perp, ws)[0] / ww_safe) * ws
@@ -131,7 +142,8 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
         theta = jnp.arctan2(jnp.sqrt(epp) * a, a * a + ew)
         return dpp, 2.0 * a * b * cosine_distance_of_angle(theta)
 
-    dp2, tangential2 = jax.lax.cond(inexact, explicit, lambda: (dp2, tangential2))
+    dp2, tangential2 = jax.lax.cond(inexact, explicit, lambda *_: (dp2, tangential2),
+                                    w, u, w0)
     step = jnp.arctan2(jnp.sqrt(dp2) * jnp.sqrt(ww), ww + wd)
     step = jnp.where((ww > 0) & (nn > 0), step, 0.0)
     ab = a * b
@@ -140,6 +152,22 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     step, cos_dist = nan_where(poisoned, step), nan_where(poisoned, cos_dist)
     scale = pow2(exps[0])
     return step, cos_dist, jnp.sqrt(gg) * pow2(eg), b * scale, jnp.sqrt(dd) * scale
+
+
+def _after(updates: Any, angles: dict, layouts: list[LeafLayout]) -> Any:
+    """``updates`` made to depend on each layer's figures (``u + 0·θ``, exactly ``u``).
+
+    The figures read the params, which ``apply_updates`` then overwrites in place when they
+    are donated. With no data dependence between the two, XLA copies every layer first to
+    keep the reads safe; this dependence orders the in-place write after the reads instead.
+    (``0·θ`` is NaN only when θ is, i.e. when the layer's inputs are NaN or Inf already.)
+    """
+    leaves = [
+        u + (0.0 * jnp.expand_dims(angles[lo.path], lo.reduce_axes)).astype(u.dtype)
+        if lo.is_layer else u
+        for lo, u in zip(layouts, jax.tree.leaves(updates))
+    ]
+    return jax.tree.unflatten(jax.tree.structure(updates), leaves)
 
 
 def track_rotation(
@@ -310,6 +338,7 @@ def track_rotation(
             held = {name: getattr(state, name) for name in FIGURES}
             due = (state.rotation_step + 1) % every == 0
             figs = jax.lax.cond(due, measure, lambda _: held, None)
+        updates = _after(updates, figs["step_angle"], layouts)
         new_state = TrackRotationState(
             rotation_step=optax.safe_increment(state.rotation_step),
             initial_layers=state.initial_layers,
