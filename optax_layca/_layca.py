@@ -215,7 +215,8 @@ def project_to_initial_norm(
                 return u
             w32, u32 = w.astype(jnp.float32), u.astype(jnp.float32)
             new = w32 + u32
-            (nn, uu), (en, _) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=new_and_u)
+            (nn, uu), (en, _) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=new_and_u,
+                                                  sources=((0, 1), (1,)))
             # k = ‖w⁰‖ / ‖w'‖ with ‖w'‖ = √nn · 2^en
             k = jnp.where(nn > 0, n0 * pow2(-en) / jnp.sqrt(jnp.where(nn > 0, nn, 1.0)), 1.0)
             # A layer that does not move (zero update) stays exactly put, as in the fused form.
@@ -277,7 +278,8 @@ def cap_norm_increase(
                 return u
             w32 = w.astype(jnp.float32)
             new = w32 + u.astype(jnp.float32)
-            (ww, nn), (ew, en) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=w_and_new)
+            (ww, nn), (ew, en) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=w_and_new,
+                                                  sources=((0,), (0, 1)))
             n, n_new = jnp.sqrt(ww) * pow2(ew), jnp.sqrt(nn) * pow2(en)
             limit = n + max_increase * n0
             k = jnp.where(n_new > limit, limit / jnp.where(n_new > 0, n_new, 1.0), 1.0)

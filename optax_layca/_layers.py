@@ -282,45 +282,57 @@ def scaled_layer_dots(
     *raw: jax.Array,
     make: Callable[..., tuple[jax.Array, ...]] | None = None,
     groups: Sequence[int] | None = None,
+    sources: Sequence[Sequence[int]] | None = None,
 ):
     """:func:`layer_dots` that stay exact at any float32 scale: ``(dots, exponents)``.
 
     The inputs are ``xs = make(*raw)`` (default: ``raw`` in float32): passing the stored
     arrays and a function deriving the inputs from them (e.g. ``w + u``) keeps the derived
     ones fused into the reductions; a ``lax.cond`` operand is always materialised.
+    ``sources[i]`` lists the ``raw`` arrays that bound ``xs[i]`` (default ``(i,)``; ``w + u``
+    is bounded by ``w`` and ``u``): exponents come from their ``max |raw|``, never from a
+    materialised derived array.
 
     Returns the per-layer dots of the rescaled inputs ``x_i · 2^-e_g`` and the int32
     per-layer exponent ``e_g`` of each group ``g`` (keepdims): inputs in one group (``groups[i]``,
     default: each input its own) share an exponent, so that ``xs[i]·xs[j] = dots[k] · 2^(e_gi
-    + e_gj)``. Every input needs its square among ``pairs``. When, in every group, the largest
+    + e_gj)``. When, in every group, the largest
     square lies in ``[n SUM_TINY, SUM_HUGE]`` and none is above (the usual case) the exponents
     are 0 and the dots are those of one :func:`layer_dots` pass. Otherwise, and only then
     (``lax.cond``; one extra pass for the per-layer ``max |x_i|``), each group is rescaled by
-    the power of two ``2^-e_g`` that brings its largest entry into ``[0.5, 1)`` (exact: only
-    exponents change) and the dots are recomputed. A layer with a NaN or Inf entry in any
-    input gets NaN dots.
+    the power of two ``2^-e_g`` that brings its largest entry below 1 (below 2 for inputs
+    with several sources; exact: only exponents change) and the dots are recomputed. A layer with a NaN or Inf entry in any
+    input gets NaN dots. Each group needs one of its squares among ``pairs`` (its scale);
+    a cross term is bounded by the squares of its factors' groups.
     """
     if make is None:
         make = lambda *r: tuple(x.astype(jnp.float32) for x in r)  # noqa: E731
     xs = make(*raw)
     groups = tuple(range(len(xs))) if groups is None else tuple(groups)
+    sources = tuple((i,) for i in range(len(xs))) if sources is None else tuple(sources)
     dots = layer_dots(lo, pairs, *xs)
     diag = {i: dots[k] for k, (i, j) in enumerate(pairs) if i == j}
-    if set(diag) != set(range(len(xs))):
-        raise ValueError("scaled_layer_dots: every input needs its square among `pairs`.")
     tiny = reduced_size(lo, xs[0].shape) * SUM_TINY
     members = {g: [i for i in range(len(xs)) if groups[i] == g] for g in sorted(set(groups))}
-    bad = [(functools.reduce(jnp.maximum, [diag[i] for i in m]) < tiny)
-           | functools.reduce(jnp.logical_or, [~(diag[i] <= SUM_HUGE) for i in m])
-           for m in members.values()]
+    squares = {g: [diag[i] for i in m if i in diag] for g, m in members.items()}
+    if not all(squares.values()):
+        raise ValueError("scaled_layer_dots: every group needs a square among `pairs`.")
+    bad = [(functools.reduce(jnp.maximum, sq) < tiny)
+           | functools.reduce(jnp.logical_or, [~(x <= SUM_HUGE) for x in sq])
+           for sq in squares.values()]
     zeros = {g: jnp.zeros(dots[0].shape, jnp.int32) for g in members}
 
     def rescaled(*raw):
-        xs = make(*raw)  # recomputed here from the stored arrays
-        peaks = [jnp.max(jnp.abs(x), lo.reduce_axes, keepdims=True) for x in xs]
-        exps = {g: jnp.clip(jnp.frexp(functools.reduce(jnp.maximum, [peaks[i] for i in m]))[1],
-                            -126, 126).astype(jnp.int32) for g, m in members.items()}
+        peaks = [jnp.max(jnp.abs(r.astype(jnp.float32)), lo.reduce_axes, keepdims=True)
+                 for r in raw]
+        exps = {}
+        for g, m in members.items():
+            src = sorted({j for i in m for j in sources[i]})
+            top = functools.reduce(jnp.maximum, [peaks[j] for j in src])
+            carry = int(any(len(sources[i]) > 1 for i in m))  # a sum of two may double
+            exps[g] = jnp.clip(jnp.frexp(top)[1] + carry, -126, 126).astype(jnp.int32)
         finite = functools.reduce(jnp.logical_and, [jnp.isfinite(m) for m in peaks])
+        xs = make(*raw)  # recomputed here, fused into the one reduction below
         out = layer_dots(lo, pairs, *(x * pow2(-exps[g]) for x, g in zip(xs, groups)))
         return tuple(jnp.where(finite, d, _NAN) for d in out), exps
 

@@ -73,7 +73,7 @@ _NEAR_INIT = 1e-6  # ‖w - w⁰‖² below this fraction of ‖w⁰‖²: recom
 
 
 def _monitored_vectors(w, u, w0, g=None, *, dtype):
-    """``(w, d, e[, g])`` in float32, ``d = w' - w``, ``e = w' - w⁰``, ``w'`` as stored.
+    """``(w, d, e, w⁰[, g])`` in float32, ``d = w' - w``, ``e = w' - w⁰``, ``w'`` as stored.
 
     Derived inside each reduction (and each ``lax.cond`` branch) from the stored arrays, so
     that ``d`` and ``e`` are never materialised.
@@ -86,7 +86,8 @@ def _monitored_vectors(w, u, w0, g=None, *, dtype):
         info = jnp.finfo(dtype)
         new = jax.lax.reduce_precision(new, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     # differences of stored values: exact in float32 near w
-    out = (w32, new - w32, new - w0.astype(jnp.float32))
+    w0_32 = w0.astype(jnp.float32)
+    out = (w32, new - w32, new - w0_32, w0_32)
     return out if g is None else out + (g.astype(jnp.float32),)
 
 
@@ -113,10 +114,12 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     """
     raw = (w, u, w0) if g is None else (w, u, w0, g)
     make = functools.partial(_monitored_vectors, dtype=w.dtype)
-    pairs = ((0, 0), (0, 1), (1, 1), (2, 2)) + (() if g is None else ((3, 3),))
-    dots, exps = scaled_layer_dots(lo, pairs, *raw, make=make, groups=(0, 0, 0, 1)[: len(raw)])
-    ww, wd, dd, ee = dots[:4]
-    gg, eg = (dd, exps[0]) if g is None else (dots[4], exps[1])
+    pairs = ((0, 0), (0, 1), (1, 1), (2, 2), (2, 3)) + (() if g is None else ((4, 4),))
+    # w, d = w' - w, e = w' - w⁰ (bounded by w, u, w⁰) share one power-of-two exponent
+    dots, exps = scaled_layer_dots(lo, pairs, *raw, make=make, groups=(0, 0, 0, 0, 1)[: len(raw) + 1],
+                                   sources=((0,), (0, 1), (0, 1, 2), (2,), (3,))[: len(raw) + 1])
+    ww, wd, dd, ee, ew = dots[:5]
+    gg, eg = (dd, exps[0]) if g is None else (dots[5], exps[1])
     unit = pow2(-exps[0])  # the figures below are in units of the rescaled w, d, e
     ww_safe = jnp.where(ww > 0, ww, 1.0)
     nn = jnp.maximum(ww + 2.0 * wd + dd, 0.0)  # ‖w'‖²
@@ -128,22 +131,27 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     near_init = ee < _NEAR_INIT * a * a
     inexact = jnp.any(dp2 < _CANCEL * dd) | jnp.any((tangential2 < _CANCEL * ee) | near_init)
 
-    def explicit(w, u, w0):
-        ws, ds, es = (x * unit for x in make(w, u, w0))
-        w0s = w0.astype(jnp.float32) * unit
-        # projected twice: the second pass removes the radial residue left by rounding
-        d_perp = ds - (wd / ww_safe) * ws
-        d_perp = d_perp - (layer_dots(lo, ((0, 1),), d_perp, ws)[0] / ww_safe) * ws
+    def explicit(*raw):
+        # Explicit projections d⊥ = d - c w, e⊥ = e - f w⁰, each with its coefficient refined
+        # once (c += (d - c w)·w / w·w): that removes the radial residue that the rounding of
+        # c leaves (eps c ‖w‖, which would add (eps c ‖w‖)² to ‖d⊥‖²). Every pass recomputes
+        # d and e from the stored arrays, fused into its reduction: nothing is materialised.
         w00 = jnp.where(a > 0, a * a, 1.0)
-        ew = layer_dots(lo, ((0, 1),), es, w0s)[0]
-        e_perp = es - (ew / w00) * w0s
-        e_perp = e_perp - (layer_dots(lo, ((0, 1),), e_perp, w0s)[0] / w00) * w0s
-        dpp, epp = layer_dots(lo, ((0, 0), (1, 1)), d_perp, e_perp)
+
+        def projected(c, f):
+            def vectors(*raw):
+                ws, ds, es, w0s = (x * unit for x in make(*raw)[:4])
+                return ds - c * ws, ws, es - f * w0s, w0s
+            return vectors
+
+        c, f = wd / ww_safe, ew / w00
+        dr, er = layer_dots(lo, ((0, 1), (2, 3)), *projected(c, f)(*raw))
+        c, f = c + dr / ww_safe, f + er / w00
+        dpp, epp = layer_dots(lo, ((0, 0), (2, 2)), *projected(c, f)(*raw))
         theta = jnp.arctan2(jnp.sqrt(epp) * a, a * a + ew)
         return dpp, 2.0 * a * b * cosine_distance_of_angle(theta)
 
-    dp2, tangential2 = jax.lax.cond(inexact, explicit, lambda *_: (dp2, tangential2),
-                                    w, u, w0)
+    dp2, tangential2 = jax.lax.cond(inexact, explicit, lambda *_: (dp2, tangential2), *raw)
     step = jnp.arctan2(jnp.sqrt(dp2) * jnp.sqrt(ww), ww + wd)
     step = jnp.where((ww > 0) & (nn > 0), step, 0.0)
     ab = a * b
@@ -155,15 +163,17 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
 
 
 def _after(updates: Any, angles: dict, layouts: list[LeafLayout]) -> Any:
-    """``updates`` made to depend on each layer's figures (``u + 0·θ``, exactly ``u``).
+    """``updates`` made to depend on each layer's figures, values unchanged.
 
     The figures read the params, which ``apply_updates`` then overwrites in place when they
     are donated. With no data dependence between the two, XLA copies every layer first to
     keep the reads safe; this dependence orders the in-place write after the reads instead.
-    (``0·θ`` is NaN only when θ is, i.e. when the layer's inputs are NaN or Inf already.)
+    A select, not arithmetic (``u + 0·θ`` would let XLA contract ``w + u`` differently and
+    change the last bit): ``u`` exactly, or NaN where θ is NaN, i.e. where the layer's
+    inputs are NaN or Inf already.
     """
     leaves = [
-        u + (0.0 * jnp.expand_dims(angles[lo.path], lo.reduce_axes)).astype(u.dtype)
+        nan_where(jnp.isnan(jnp.expand_dims(angles[lo.path], lo.reduce_axes)), u).astype(u.dtype)
         if lo.is_layer else u
         for lo, u in zip(layouts, jax.tree.leaves(updates))
     ]
