@@ -348,6 +348,46 @@ def scaled_layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
     return jnp.sqrt(xx) * pow2(e)
 
 
+# One-pass ‖x⊥‖² = ‖x‖² - (x·r)²/‖r‖² (and the law of cosines) carry an error of ~4 eps ‖x‖²
+# (eps = 2**-24, the float32 sums and the squared radial part): relative to ‖x⊥‖² that is
+# <= 4 eps / CANCEL = 2.4e-5 while ‖x⊥‖² >= CANCEL ‖x‖²; below, the projection is formed
+# explicitly. Within ~1e-3 rad of w⁰ (‖e‖² below NEAR_REFERENCE ‖w⁰‖²) the distance is also
+# formed explicitly: there the rounding of ‖w'‖ - ‖w⁰‖ (~eps ‖w⁰‖) matters against ‖e‖.
+CANCEL = 1e-2
+NEAR_REFERENCE = 1e-6
+
+
+def distance_to_reference(
+    lo: LeafLayout, ee: jax.Array, a: jax.Array, b: jax.Array, vectors: Callable, *raw: jax.Array
+) -> jax.Array:
+    """Per-layer ``1 - cos(w', w⁰)`` (keepdims, in ``[0, 2]``, 0 if either is zero).
+
+    From ``ee = ‖e‖²`` (one pass), ``e = w' - w⁰``, ``a = ‖w⁰‖`` and ``b = ‖w'‖`` (all in the
+    same units) by the law of cosines, ``(‖e‖² - (b - a)²) / (2ab)`` with ``b - a = (b² - a²)
+    / (a + b)``. Where that cancels (see :data:`CANCEL`, :data:`NEAR_REFERENCE`; ``lax.cond``)
+    ``(e, w⁰) = vectors(*raw)`` are recomputed from the stored arrays ``raw`` and ``e`` is
+    projected off ``w⁰`` explicitly, its coefficient refined once (which removes the radial
+    residue of its own rounding), each pass fused into its reduction.
+    """
+    radial = (b * b - a * a) / jnp.where(a + b > 0, a + b, 1.0)
+    tangential2 = jnp.maximum(ee - radial * radial, 0.0)  # 2ab (1 - cos)
+    inexact = jnp.any((tangential2 < CANCEL * ee) | (ee < NEAR_REFERENCE * a * a))
+
+    def explicit(*raw):
+        w00 = jnp.where(a > 0, a * a, 1.0)
+        (ew,) = layer_dots(lo, ((0, 1),), *vectors(*raw))
+        off = lambda f: (lambda e, w0: (e - f * w0, w0))(*vectors(*raw))  # noqa: E731
+        f = ew / w00
+        f = f + layer_dots(lo, ((0, 1),), *off(f))[0] / w00
+        (epp,) = layer_dots(lo, ((0, 0),), off(f)[0])
+        theta = jnp.arctan2(jnp.sqrt(epp) * a, a * a + ew)
+        return 4.0 * a * b * jnp.square(jnp.sin(0.5 * theta))
+
+    tangential2 = jax.lax.cond(inexact, explicit, lambda *_: tangential2, *raw)
+    ab = a * b
+    return jnp.where(ab > 0, jnp.clip(tangential2 / jnp.where(ab > 0, 2.0 * ab, 1.0), 0, 2), 0)
+
+
 def kept_shape(lo: LeafLayout, shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of one per-layer figure of a leaf: its axes that are not reduced."""
     return tuple(int(n) for i, n in enumerate(shape) if i not in lo.reduce_axes)

@@ -13,9 +13,11 @@ import optax
 from .._base import NO_PARAMS_MSG
 from .._custom_types import IsLayer, LayerAxis
 from .._layers import (
+    CANCEL,
     Layering,
     LeafLayout,
     check_same_structure,
+    distance_to_reference,
     kept_shape,
     layer_dots,
     nan_where,
@@ -24,7 +26,6 @@ from .._layers import (
     scaled_layer_norm,
     squeeze_reduced,
 )
-from ._angles import cosine_distance_of_angle
 
 FIGURES = (
     "cosine_distance",
@@ -68,8 +69,6 @@ class TrackRotationState(NamedTuple):
     tracked_state: Any
 
 
-_CANCEL = 1e-3  # one-pass ‖x_⊥‖² below this fraction of ‖x‖²: recompute it explicitly
-_NEAR_INIT = 1e-6  # ‖w - w⁰‖² below this fraction of ‖w⁰‖²: recompute the distance explicitly
 
 
 def _monitored_vectors(w, u, w0, g=None, *, dtype):
@@ -114,48 +113,31 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     """
     raw = (w, u, w0) if g is None else (w, u, w0, g)
     make = functools.partial(_monitored_vectors, dtype=w.dtype)
-    pairs = ((0, 0), (0, 1), (1, 1), (2, 2), (2, 3)) + (() if g is None else ((4, 4),))
+    pairs = ((0, 0), (0, 1), (1, 1), (2, 2)) + (() if g is None else ((4, 4),))
     # w, d = w' - w, e = w' - w⁰ (bounded by w, u, w⁰) share one power-of-two exponent
     dots, exps = scaled_layer_dots(lo, pairs, *raw, make=make, groups=(0, 0, 0, 0, 1)[: len(raw) + 1],
                                    sources=((0,), (0, 1), (0, 1, 2), (2,), (3,))[: len(raw) + 1])
-    ww, wd, dd, ee, ew = dots[:5]
-    gg, eg = (dd, exps[0]) if g is None else (dots[5], exps[1])
+    ww, wd, dd, ee = dots[:4]
+    gg, eg = (dd, exps[0]) if g is None else (dots[4], exps[1])
     unit = pow2(-exps[0])  # the figures below are in units of the rescaled w, d, e
     ww_safe = jnp.where(ww > 0, ww, 1.0)
     nn = jnp.maximum(ww + 2.0 * wd + dd, 0.0)  # ‖w'‖²
     a, b = n0 * unit, jnp.sqrt(nn)
     dp2 = jnp.maximum(dd - wd * (wd / ww_safe), 0.0)
-    radial = (nn - a * a) / jnp.where(a + b > 0, a + b, 1.0)
-    tangential2 = jnp.maximum(ee - radial * radial, 0.0)  # 2ab (1 - cos)
-    # also near w⁰ (angle ≲ 1e-3): there the rounding of b - a (~1e-7 a) matters against ‖e‖
-    near_init = ee < _NEAR_INIT * a * a
-    inexact = jnp.any(dp2 < _CANCEL * dd) | jnp.any((tangential2 < _CANCEL * ee) | near_init)
 
     def explicit(*raw):
-        # Explicit projections d⊥ = d - c w, e⊥ = e - f w⁰, each with its coefficient refined
-        # once (c += (d - c w)·w / w·w): that removes the radial residue that the rounding of
-        # c leaves (eps c ‖w‖, which would add (eps c ‖w‖)² to ‖d⊥‖²). Every pass recomputes
-        # d and e from the stored arrays, fused into its reduction: nothing is materialised.
-        w00 = jnp.where(a > 0, a * a, 1.0)
+        # d⊥ = d - c w with c refined once (removes the radial residue of c's rounding,
+        # eps c ‖w‖, which would add its square to ‖d⊥‖²); d recomputed in every pass
+        off = lambda c: (lambda w, d: (d - c * w, w))(*(x * unit for x in make(*raw)[:2]))  # noqa: E731
+        c = wd / ww_safe
+        c = c + layer_dots(lo, ((0, 1),), *off(c))[0] / ww_safe
+        return layer_dots(lo, ((0, 0),), off(c)[0])[0]
 
-        def projected(c, f):
-            def vectors(*raw):
-                ws, ds, es, w0s = (x * unit for x in make(*raw)[:4])
-                return ds - c * ws, ws, es - f * w0s, w0s
-            return vectors
-
-        c, f = wd / ww_safe, ew / w00
-        dr, er = layer_dots(lo, ((0, 1), (2, 3)), *projected(c, f)(*raw))
-        c, f = c + dr / ww_safe, f + er / w00
-        dpp, epp = layer_dots(lo, ((0, 0), (2, 2)), *projected(c, f)(*raw))
-        theta = jnp.arctan2(jnp.sqrt(epp) * a, a * a + ew)
-        return dpp, 2.0 * a * b * cosine_distance_of_angle(theta)
-
-    dp2, tangential2 = jax.lax.cond(inexact, explicit, lambda *_: (dp2, tangential2), *raw)
+    dp2 = jax.lax.cond(jnp.any(dp2 < CANCEL * dd), explicit, lambda *_: dp2, *raw)
+    e_and_w0 = lambda *raw: tuple(x * unit for x in make(*raw)[2:4])  # noqa: E731
+    cos_dist = distance_to_reference(lo, ee, a, b, e_and_w0, *raw)
     step = jnp.arctan2(jnp.sqrt(dp2) * jnp.sqrt(ww), ww + wd)
     step = jnp.where((ww > 0) & (nn > 0), step, 0.0)
-    ab = a * b
-    cos_dist = jnp.where(ab > 0, jnp.clip(tangential2 / jnp.where(ab > 0, 2.0 * ab, 1.0), 0, 2), 0)
     poisoned = jnp.isnan(ww + wd + dd + ee + n0)  # a NaN/Inf in w, u or w⁰ must show
     step, cos_dist = nan_where(poisoned, step), nan_where(poisoned, cos_dist)
     scale = pow2(exps[0])
