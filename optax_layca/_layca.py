@@ -19,6 +19,7 @@ from ._layers import (
     Layering,
     LeafLayout,
     check_params,
+    distance_to_reference,
     layer_depths,
     layer_dots,
     nan_where,
@@ -290,10 +291,110 @@ def cap_norm_increase(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def layca_tangent_part(lo: LeafLayout, w: jax.Array, s: jax.Array, ew, es, a, b, c):
-    """``(‖s⊥‖², b)`` of ``s⊥ = s' - (b/a) w'`` from the one-pass ``a = w'·w', b = s'·w',
+class RotationProbe(NamedTuple):
+    """The rotation monitor's request to the fused Layca it wraps (``rotation_probe=``).
+
+    ``track_rotation(layca(...))`` passes it as an extra argument when Layca's update is the
+    final one. For every layer it names with the same per-layer reduction and float32 params,
+    :func:`layca_layer_update` adds ``w⁰`` and ``g`` to the arrays of its own one-pass
+    reduction and stores the monitor's figures, from its scalars, in ``figures``: the
+    monitor then needs no pass of its own and the update is never materialised.
+
+    Attributes:
+      reference: ``{path: w⁰}``; reference_norm: ``{path: ‖w⁰‖}`` (keepdims).
+      grads: ``{path: g}``, the raw gradient (its norm is a figure).
+      reduce_axes: ``{path: axes}`` of the monitor's layout.
+      due: bool scalar, the monitor measures this step (``every > 1``), or None (always).
+      figures: filled: ``{path: (step angle, cosine distance, ‖g‖, ‖w'‖, ‖u‖)}`` (keepdims).
+    """
+
+    reference: dict
+    reference_norm: dict
+    grads: dict
+    reduce_axes: dict
+    due: Any
+    figures: dict
+
+    def watches(self, lo: LeafLayout, w: jax.Array) -> bool:
+        return (lo.path in self.reference and self.reduce_axes[lo.path] == lo.reduce_axes
+                and w.dtype == jnp.float32)
+
+
+def layca_sums(lo: LeafLayout, w, s, probe: RotationProbe | None):
+    """Fused Layca's one reduction pass: ``(a, b, c), (ew, es), extra``.
+
+    ``a, b, c = w'·w', s'·w', s'·s'`` of the rescaled ``w' = w 2^-ew``, ``s' = s 2^-es``
+    (:func:`~optax_layca._layers.scaled_layer_dots`). Watched by a ``probe``, the same pass
+    also reads ``w⁰`` and ``g``: ``extra`` holds ``dd, dw, ds = δ·δ, δ·w', δ·s'`` for
+    ``δ = (w - w⁰) 2^-ew``, and ``gg, eg`` with ``‖g‖² = gg 4^eg``; with ``probe.due``, only
+    on due steps (``lax.cond`` on the stored arrays; zeros otherwise).
+    """
+    if probe is None:
+        abc, exps = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
+        return abc, exps, {}
+    raw = (w, s, probe.reference[lo.path], probe.grads[lo.path])
+
+    def make(w, s, w0, g):
+        w32 = w.astype(jnp.float32)
+        return w32, s.astype(jnp.float32), w32 - w0.astype(jnp.float32), g.astype(jnp.float32)
+
+    def watched(*raw):
+        pairs = ((0, 0), (1, 0), (1, 1), (2, 2), (2, 0), (2, 1), (3, 3))
+        dots, (ew, es, eg) = scaled_layer_dots(lo, pairs, *raw, make=make, groups=(0, 1, 0, 2),
+                                               sources=((0,), (1,), (0, 2), (3,)))
+        return dots, (ew, es, eg)
+
+    def plain(w, s, *_):
+        abc, (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
+        return abc + (jnp.zeros_like(abc[0]),) * 4, (ew, es, jnp.zeros_like(ew))
+
+    dots, (ew, es, eg) = (watched(*raw) if probe.due is None
+                          else jax.lax.cond(probe.due, watched, plain, *raw))
+    extra = dict(zip(("dd", "dw", "ds", "gg"), dots[3:]), eg=eg)
+    return dots[:3], (ew, es), extra
+
+
+def probe_figures(lo, probe, sums, tangent, poisoned, update, w, s):
+    """The monitor's figures of one watched layer from fused Layca's scalars (w' units).
+
+    With ``u = (k-1) w - kρ ŝ``, ``ŝ ⊥ w``, ``‖ŝ‖ = ‖w‖``: ``‖w + u‖ = k ‖w‖ √(1+ρ²)``,
+    ``‖u‖ = ‖w‖ √((k-1)² + k²ρ²)``, the step angle is ``arctan ρ`` (0 if the layer does not
+    move), and ``‖e‖²`` of ``e = w + u - w⁰ = δ + u`` is ``δ·δ + ‖u‖² + 2(k-1) δ·w - 2kρ δ·ŝ``
+    for the law of cosines (:func:`~optax_layca._layers.distance_to_reference`, whose
+    explicit fallback recomputes ``e`` with ``update``). These are the float32 figures of the
+    exact ``w + u``; the standalone monitor measures the stored ``fl(w + u)``, whose rounding
+    moves directions by at most eps/2 rad.
+    """
+    a, ew, t = sums["a"], sums["ew"], tangent
+    k = t["k_minus_1"] + 1.0
+    root_a = jnp.sqrt(jnp.where(a > 0, a, 0.0))
+    big_a = probe.reference_norm[lo.path] * pow2(-ew)
+    big_b = k * root_a * jnp.sqrt(1.0 + t["rho"] ** 2)
+    u_norm = root_a * jnp.sqrt(t["k_minus_1"] ** 2 + (k * t["rho"]) ** 2)
+    ee = (sums["dd"] + u_norm**2 + 2.0 * t["k_minus_1"] * sums["dw"]
+          - 2.0 * k * t["rho"] * t["inv"] * t["dperp"])
+    unit = pow2(-ew)
+
+    def vectors(w, s, w0):
+        w32 = w.astype(jnp.float32)
+        return (w32 + update(w, s) - w0.astype(jnp.float32)) * unit, w0.astype(jnp.float32) * unit
+
+    due = True if probe.due is None else probe.due
+    cos = distance_to_reference(lo, ee, big_a, big_b, vectors, w, s, probe.reference[lo.path],
+                                gate=due)
+    step = jnp.where(t["moves"] & (k > 0), jnp.arctan(t["rho"]), 0.0)
+    scale = pow2(ew)
+    bad = poisoned | jnp.isnan(ee)
+    return (nan_where(bad, step), nan_where(bad, cos), jnp.sqrt(sums["gg"]) * pow2(sums["eg"]),
+            nan_where(bad, big_b * scale), nan_where(bad, u_norm * scale))
+
+
+def layca_tangent_part(lo: LeafLayout, w, s, ew, es, a, b, c, w0=None, dperp=None):
+    """``(‖s⊥‖², b, δ·s⊥)`` of ``s⊥ = s' - (b/a) w'`` from the one-pass ``a = w'·w', b = s'·w',
     c = s'·s'`` of ``w' = w 2^-ew, s' = s 2^-es`` (``w``, ``s``: the stored arrays, so that
-    the branch below reads them rather than a materialised rescaled copy).
+    the branch below reads them rather than a materialised rescaled copy). With ``w0`` (the
+    rotation monitor's reference, :class:`RotationProbe`), ``δ·s⊥`` for ``δ = (w - w⁰) 2^-ew``
+    too, given its one-pass value ``dperp`` (else None).
 
     ``‖s⊥‖² = c − b²/a`` cancels when ``s`` is nearly parallel to ``w`` (``‖s‖/‖s⊥‖ = R``):
     its relative error is ``~eps R²``, i.e. 0.4% at R = 100 and 100% at R ≈ 1000, so the
@@ -306,19 +407,31 @@ def layca_tangent_part(lo: LeafLayout, w: jax.Array, s: jax.Array, ew, es, a, b,
     a_safe = jnp.where(a > 0, a, 1.0)
     # b * (b / a), not b² / a: b² overflows where a and c do not
     proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
+    raw = (w, s) if w0 is None else (w, s, w0)
 
-    def second_pass(w, s):
-        w = w.astype(jnp.float32) * pow2(-ew)
-        perp = s.astype(jnp.float32) * pow2(-es) - (b / a_safe) * w
-        e, pp = layer_dots(lo, ((0, 1), (0, 0)), perp, w)
-        return jnp.maximum(pp - e * (e / a_safe), 0.0), b + e
+    def second_pass(w, s, *w0):
+        w32 = w.astype(jnp.float32) * pow2(-ew)
+        perp = s.astype(jnp.float32) * pow2(-es) - (b / a_safe) * w32
+        xs, pairs = (perp, w32), ((0, 1), (0, 0))
+        if w0:
+            xs, pairs = xs + ((w32 - w0[0].astype(jnp.float32) * pow2(-ew)),), pairs + ((0, 2),)
+        e, pp, *dp = layer_dots(lo, pairs, *xs)
+        return (jnp.maximum(pp - e * (e / a_safe), 0.0), b + e, *dp)
 
     near_parallel = jnp.any((a > 0) & (PRECISE_RATIO**2 * proj2 < c))
-    return jax.lax.cond(near_parallel, second_pass, lambda w, s: (proj2, b), w, s)
+    keep = (proj2, b) if w0 is None else (proj2, b, dperp)
+    out = jax.lax.cond(near_parallel, second_pass, lambda *_: keep, *raw)
+    return out if w0 is not None else (*out, None)
 
 
 def layca_layer_update(
-    lo: LeafLayout, s: jax.Array, w: jax.Array, n0: jax.Array, rho: jax.Array, parallel_tol: float
+    lo: LeafLayout,
+    s: jax.Array,
+    w: jax.Array,
+    n0: jax.Array,
+    rho: jax.Array,
+    parallel_tol: float,
+    probe: RotationProbe | None = None,
 ) -> jax.Array:
     """Fused Layca ops 1–4 for one layer leaf at per-layer rate ``rho`` (see :func:`scale_by_layca`).
 
@@ -331,11 +444,15 @@ def layca_layer_update(
     exponents are 0 unless a float32 sum would under- or overflow), so a direction of any
     float32 scale (Adam right after a zero gradient gives ~1e-19) rotates by ``arctan(ρ)`` and
     keeps ``‖w⁰‖``, as do tiny or huge weights. NaN or Inf in ``s``, ``w``, ``‖w⁰‖`` or ``ρ``
-    gives NaN for that layer.
+    gives NaN for that layer. With a ``probe`` watching the layer, the rotation monitor's
+    figures are computed alongside (see :class:`RotationProbe`).
     """
-    (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
+    watch = probe is not None and probe.watches(lo, w)
+    (a, b, c), (ew, es), extra = layca_sums(lo, w, s, probe if watch else None)
     poisoned = jnp.isnan(a + b + c + n0 + rho)
-    proj2, b = layca_tangent_part(lo, w, s, ew, es, a, b, c)
+    w0 = probe.reference[lo.path] if watch else None
+    dperp = extra["ds"] - (b / jnp.where(a > 0, a, 1.0)) * extra["dw"] if watch else None
+    proj2, b, dperp = layca_tangent_part(lo, w, s, ew, es, a, b, c, w0, dperp)
     has_norm = a > 0
     a_safe = jnp.where(has_norm, a, 1.0)
     # A layer that does not rotate (zero or parallel step, or ρ = 0) stays exactly put: no
@@ -355,9 +472,16 @@ def layca_layer_update(
     # on s' = s 2^-es; the factor 2^ew puts the step back at the scale of w
     coef_s = jnp.where(has_norm, -k * rho * inv, 0.0) * pow2(ew)
     coef_w, coef_s = nan_where(poisoned, coef_w), nan_where(poisoned, coef_s)
-    # one elementwise pass (s 2^-es: a multiply by 1 on the usual path)
-    w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
-    return (coef_w * w32 + coef_s * (s32 * pow2(-es))).astype(s.dtype)
+
+    def update(w, s):  # one elementwise pass (s 2^-es: a multiply by 1 on the usual path)
+        w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
+        return coef_w * w32 + coef_s * (s32 * pow2(-es))
+
+    if watch:
+        tangent = dict(moves=moves, k_minus_1=k_minus_1, rho=rho, inv=inv, dperp=dperp)
+        probe.figures[lo.path] = probe_figures(
+            lo, probe, dict(a=a, ew=ew, **extra), tangent, poisoned, update, w, s)
+    return update(w, s).astype(s.dtype)
 
 
 class ScaleByLaycaState(NamedTuple):
@@ -451,7 +575,7 @@ def scale_by_layca(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
+        probe = extra_args.get("rotation_probe")  # from a wrapping track_rotation
         check_params(updates, params)
         lr = value_at(learning_rate, state.count).astype(jnp.float32)
         a_t = value_at(alpha, state.count)
@@ -462,7 +586,7 @@ def scale_by_layca(
                     return (0.0 * s.astype(jnp.float32)).astype(s.dtype)
                 return (-lr * s.astype(jnp.float32)).astype(s.dtype)
             rho = lr * multiplier_at_depth(a_t, depth, state.num_layers)
-            return layca_layer_update(lo, s, w, n0, rho, parallel_tol)
+            return layca_layer_update(lo, s, w, n0, rho, parallel_tol, probe)
 
         updates = layering.map(fused, updates, params, state.initial_norm, state.layer_depth)
         return updates, state._replace(count=optax.safe_increment(state.count))

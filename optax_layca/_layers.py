@@ -358,7 +358,13 @@ NEAR_REFERENCE = 1e-6
 
 
 def distance_to_reference(
-    lo: LeafLayout, ee: jax.Array, a: jax.Array, b: jax.Array, vectors: Callable, *raw: jax.Array
+    lo: LeafLayout,
+    ee: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    vectors: Callable,
+    *raw: jax.Array,
+    gate: jax.Array | bool = True,
 ) -> jax.Array:
     """Per-layer ``1 - cos(w', w⁰)`` (keepdims, in ``[0, 2]``, 0 if either is zero).
 
@@ -367,11 +373,12 @@ def distance_to_reference(
     / (a + b)``. Where that cancels (see :data:`CANCEL`, :data:`NEAR_REFERENCE`; ``lax.cond``)
     ``(e, w⁰) = vectors(*raw)`` are recomputed from the stored arrays ``raw`` and ``e`` is
     projected off ``w⁰`` explicitly, its coefficient refined once (which removes the radial
-    residue of its own rounding), each pass fused into its reduction.
+    residue of its own rounding), each pass fused into its reduction. ``gate`` False skips
+    that fallback (a step whose figures are not kept).
     """
     radial = (b * b - a * a) / jnp.where(a + b > 0, a + b, 1.0)
     tangential2 = jnp.maximum(ee - radial * radial, 0.0)  # 2ab (1 - cos)
-    inexact = jnp.any((tangential2 < CANCEL * ee) | (ee < NEAR_REFERENCE * a * a))
+    inexact = gate & jnp.any((tangential2 < CANCEL * ee) | (ee < NEAR_REFERENCE * a * a))
 
     def explicit(*raw):
         w00 = jnp.where(a > 0, a * a, 1.0)

@@ -36,6 +36,8 @@ def _check_base_direction(base: optax.GradientTransformation) -> optax.GradientT
     with it; a full optimizer (already multiplied by ``-learning_rate``) gives a negative one.
     The probe runs once, on the host, and only when ``init`` sees concrete params.
     """
+    # the wrapper takes extra arguments (optax.chain forwards them), so `base` must accept them
+    base = optax.with_extra_args_support(base)
 
     def init_fn(params):
         state = base.init(params)

@@ -271,3 +271,67 @@ def test_monitor_is_right_for_tiny_and_huge_layers(w_scale):
         np.testing.assert_allclose(got[name][k], ref[name][k], rtol=16 * EPS)
     for name in ("weight_norm", "update_norm", "grad_norm"):
         np.testing.assert_allclose(got[name][k] / w_scale, ref[name][k], rtol=16 * EPS)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("direction", ["sgd", "adam"])
+def test_monitor_wrapping_fused_layca_equals_the_standalone_monitor(direction, every):
+    """track_rotation(layca(...)) takes its figures from Layca's own reduction pass (no pass of
+    its own); they must equal what the monitor measures by itself (here forced by an identity
+    after Layca, which hides Layca's state from it), and the params those of plain Layca.
+
+    Error analysis (eps = 2**-23): the fused figures are the analytic ones of the float32
+    ``w·w, s·w, s·s`` (one-pass ‖s⊥‖² off by <= eps R² relative, R = ‖s‖/‖s⊥‖ < 4 on this path)
+    while the standalone monitor measures the stored fl(w + u) (directions moved by <= eps/2
+    rad) with its own float32 sums: angles and norms agree to 32 eps relative + eps absolute;
+    the distance goes through the law of cosines on each side, off by <= 4 eps_unit / CANCEL =
+    2.4e-5 relative (see _layers.CANCEL), so 5e-5.
+    """
+    rng = np.random.default_rng(0)
+    params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((16, 32)), jnp.float32),
+                             "bias": jnp.zeros(32)} for i in range(3)}
+    base = optax.scale_by_adam() if direction == "adam" else None
+    fused = ol.track_rotation(ol.layca(0.05, base=base), every=every)
+    alone = ol.track_rotation(optax.chain(ol.layca(0.05, base=base), optax.identity()),
+                              every=every)
+    plain = ol.layca(0.05, base=base)
+    txs = [fused, alone, plain]
+    states = [tx.init(params) for tx in txs]
+    steps = [jax.jit(tx.update) for tx in txs]
+    ps = [params] * 3
+    for t in range(2 * every + 1):
+        g = jax.tree.map(lambda x, t=t: jnp.asarray(
+            np.random.default_rng(t).standard_normal(x.shape), jnp.float32), params)
+        for i in range(3):
+            u, states[i] = steps[i](g, states[i], ps[i])
+            ps[i] = optax.apply_updates(ps[i], u)
+    for a, b in zip(jax.tree.leaves(ps[0]), jax.tree.leaves(ps[2])):  # a pass-through
+        np.testing.assert_allclose(a, b, rtol=0, atol=2 * EPS * float(jnp.max(jnp.abs(b))))
+    for name in ("step_angle", "cumulative_angle", "weight_norm", "update_norm", "grad_norm"):
+        for k, v in getattr(states[1], name).items():
+            np.testing.assert_allclose(getattr(states[0], name)[k], v, rtol=32 * EPS, atol=EPS,
+                                       err_msg=f"{name} {k}")
+    for k, v in states[1].cosine_distance.items():
+        np.testing.assert_allclose(states[0].cosine_distance[k], v, rtol=5e-5, err_msg=k)
+
+
+def test_monitor_wrapping_fused_layca_materialises_no_update():
+    """The point of the fused path: in the compiled step the only layer-sized arrays computed
+    at top level are the new params (the update stays fused into apply_updates; the rare
+    fallbacks live in branches), while the standalone monitor materialises the update."""
+    rng = np.random.default_rng(1)
+    params = {f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)}
+              for i in range(2)}
+
+    def layer_sized_top_level_arrays(tx):
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+        entry = lowered.compile().as_text().split("ENTRY", 1)[1]
+        return sum(" f32[64,64]{1,0} fusion(" in line or " f32[64,64]{1,0} copy(" in line
+                   for line in entry.splitlines())
+
+    assert layer_sized_top_level_arrays(ol.track_rotation(ol.layca(0.1))) == 2
+    alone = ol.track_rotation(optax.chain(ol.layca(0.1), optax.identity()))
+    assert layer_sized_top_level_arrays(alone) > 2

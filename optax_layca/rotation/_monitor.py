@@ -12,6 +12,7 @@ import optax
 
 from .._base import NO_PARAMS_MSG
 from .._custom_types import IsLayer, LayerAxis
+from .._layca import RotationProbe, ScaleByLaycaState
 from .._layers import (
     CANCEL,
     Layering,
@@ -144,22 +145,66 @@ def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
     return step, cos_dist, jnp.sqrt(gg) * pow2(eg), b * scale, jnp.sqrt(dd) * scale
 
 
-def _after(updates: Any, angles: dict, layouts: list[LeafLayout]) -> Any:
+def _after(updates: Any, figs: dict, layouts: list[LeafLayout]) -> Any:
     """``updates`` made to depend on each layer's figures, values unchanged.
 
     The figures read the params, which ``apply_updates`` then overwrites in place when they
     are donated. With no data dependence between the two, XLA copies every layer first to
     keep the reads safe; this dependence orders the in-place write after the reads instead.
     A select, not arithmetic (``u + 0·θ`` would let XLA contract ``w + u`` differently and
-    change the last bit): ``u`` exactly, or NaN where θ is NaN, i.e. where the layer's
+    change the last bit): ``u`` exactly, or NaN where a figure is NaN, i.e. where the layer's
     inputs are NaN or Inf already.
     """
-    leaves = [
-        nan_where(jnp.isnan(jnp.expand_dims(angles[lo.path], lo.reduce_axes)), u).astype(u.dtype)
-        if lo.is_layer else u
-        for lo, u in zip(layouts, jax.tree.leaves(updates))
-    ]
+    def one(lo, u):
+        if not lo.is_layer:
+            return u
+        bad = jnp.isnan(figs["step_angle"][lo.path]) | jnp.isnan(figs["cosine_distance"][lo.path])
+        return nan_where(jnp.expand_dims(bad, lo.reduce_axes), u).astype(u.dtype)
+
+    leaves = [one(lo, u) for lo, u in zip(layouts, jax.tree.leaves(updates))]
     return jax.tree.unflatten(jax.tree.structure(updates), leaves)
+
+
+def final_is_fused_layca(state: Any) -> bool:
+    """Whether the transform owning ``state`` ends with fused Layca (its update is final).
+
+    Looks through ``optax.chain`` (a tuple of states: its last) and ``inject_hyperparams``
+    (its inner state) only: any other wrapper may change the update after Layca (e.g.
+    ``apply_if_finite`` zeroes it), so the monitor then measures the update itself.
+    """
+    while True:
+        if isinstance(state, ScaleByLaycaState):
+            return True
+        if isinstance(state, (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)):
+            state = state.inner_state
+        elif type(state) is tuple and state:
+            state = state[-1]
+        else:
+            return False
+
+
+def _measure(layouts, leaves, state, every, fused) -> dict:
+    """The figures of every layer: from fused Layca (``fused[path]``) or measured here."""
+    w_leaves, u_leaves, g_leaves = leaves
+    figs = {name: {} for name in FIGURES}
+    for i, (lo, w) in enumerate(zip(layouts, w_leaves)):
+        if not lo.is_layer:
+            continue
+        path = lo.path
+        if path in fused:
+            step, cos_dist, g_norm, w_norm, u_norm = fused[path]
+        else:
+            step, cos_dist, g_norm, w_norm, u_norm = monitor_layer(
+                lo, w, u_leaves[i], None if g_leaves is None else g_leaves[i],
+                state.initial_layers[path], state.initial_layer_norm[path])
+        sq = functools.partial(squeeze_reduced, lo=lo)
+        figs["cosine_distance"][path] = sq(cos_dist)
+        figs["step_angle"][path] = sq(step)
+        figs["cumulative_angle"][path] = state.cumulative_angle[path] + every * sq(step)
+        figs["grad_norm"][path] = sq(g_norm)
+        figs["weight_norm"][path] = sq(w_norm)
+        figs["update_norm"][path] = sq(u_norm)
+    return figs
 
 
 def track_rotation(
@@ -281,11 +326,6 @@ def track_rotation(
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
         check_same_structure(updates, params, "updates")
-        grads = updates
-        if isinstance(inner, optax.GradientTransformationExtraArgs):
-            updates, inner_state = inner.update(updates, state.tracked_state, params, **extra_args)
-        else:
-            updates, inner_state = inner.update(updates, state.tracked_state, params)
         layers = layers_of(params)
         known = set(state.initial_layers)
         seen = {lo.path for lo, _ in layers}
@@ -294,43 +334,35 @@ def track_rotation(
                 "`track_rotation`: the layers of params differ from those seen at init. "
                 f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
             )
-        u_leaves, g_leaves = jax.tree.leaves(updates), jax.tree.leaves(grads)
+        grads = updates
+        due = None if every == 1 else (state.rotation_step + 1) % every == 0
+        probe = None
+        if tx is not None and final_is_fused_layca(state.tracked_state):
+            probe = RotationProbe(
+                reference=state.initial_layers,
+                reference_norm=state.initial_layer_norm,
+                grads={lo.path: g for lo, g in zip(layering.layouts(grads), jax.tree.leaves(grads))
+                       if lo.is_layer},
+                reduce_axes={lo.path: lo.reduce_axes for lo, _ in layers},
+                due=due,
+                figures={},
+            )
+            extra_args = {**extra_args, "rotation_probe": probe}
+        if isinstance(inner, optax.GradientTransformationExtraArgs):
+            updates, inner_state = inner.update(updates, state.tracked_state, params, **extra_args)
+        else:
+            updates, inner_state = inner.update(updates, state.tracked_state, params)
         layouts = layering.layouts(params)
-        w_leaves = jax.tree.leaves(params)
-
-        def measure(_):
-            figs = {name: {} for name in FIGURES}
-            for i, (lo, w) in enumerate(zip(layouts, w_leaves)):
-                if not lo.is_layer:
-                    continue
-                g = None if tx is None else g_leaves[i]
-                path = lo.path
-                step, cos_dist, g_norm, w_norm, u_norm = monitor_layer(
-                    lo,
-                    w,
-                    u_leaves[i],
-                    g,
-                    state.initial_layers[path],
-                    state.initial_layer_norm[path],
-                )
-                sq = functools.partial(squeeze_reduced, lo=lo)
-                figs["cosine_distance"][lo.path] = sq(cos_dist)
-                figs["step_angle"][lo.path] = sq(step)
-                figs["cumulative_angle"][lo.path] = state.cumulative_angle[lo.path] + every * sq(
-                    step
-                )
-                figs["grad_norm"][lo.path] = sq(g_norm)
-                figs["weight_norm"][lo.path] = sq(w_norm)
-                figs["update_norm"][lo.path] = sq(u_norm)
-            return figs
-
+        leaves = (jax.tree.leaves(params), jax.tree.leaves(updates),
+                  None if tx is None else jax.tree.leaves(grads))
+        measure = functools.partial(_measure, layouts, leaves, state, every,
+                                    {} if probe is None else probe.figures)
         if every == 1:
-            figs = measure(None)
+            figs = measure()
         else:
             held = {name: getattr(state, name) for name in FIGURES}
-            due = (state.rotation_step + 1) % every == 0
-            figs = jax.lax.cond(due, measure, lambda _: held, None)
-        updates = _after(updates, figs["step_angle"], layouts)
+            figs = jax.lax.cond(due, measure, lambda: held)
+        updates = _after(updates, figs, layouts)
         new_state = TrackRotationState(
             rotation_step=optax.safe_increment(state.rotation_step),
             initial_layers=state.initial_layers,
