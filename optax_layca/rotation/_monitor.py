@@ -257,7 +257,14 @@ def track_rotation(
     Non-layer leaves (biases, norm scales) are not tracked.
 
     Cost: one pass of per-layer dot products over ``(w, u, w⁰, g)`` per step, i.e. four reads
-    of the layers (``benchmarks/train_step.py``). With ``every=k`` the figures
+    of the layers, and the update ``u`` is materialised (``benchmarks/train_step.py``).
+    **Wrapping fused Layca**, ``track_rotation(layca(...))`` (float32 params), is cheaper: the
+    monitor hands Layca a :class:`~optax_layca._layca.RotationProbe` and Layca adds ``w⁰`` and
+    ``g`` to its own one-pass reduction, deriving the figures from its scalars (the same
+    figures, to float32 rounding: the stored ``fl(w + u)`` differs from ``w + u`` by eps/2);
+    the update is never materialised. That needs Layca's update to be the final one: only
+    ``optax.chain`` and ``inject_hyperparams`` may lie between (anything else, or the
+    chained form, is measured as above). With ``every=k`` the figures
     are computed on updates ``k, 2k, …`` only (``lax.cond``; held in between), for ~1/k of
     the cost; ``cumulative_angle`` is then the estimate ``k · Σ`` (measured step angles).
 
