@@ -13,8 +13,8 @@ and ≤ 0.5× ``optax.lars`` on CPU; ≤ 1.7× ``optax.sgd`` on GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import itertools
+import statistics
 import sys
 from pathlib import Path
 
