@@ -15,11 +15,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._base import value_at
+from ._base import (
+    check_choice,
+    check_int,
+    check_learning_rate,
+    check_number,
+    guard_rate,
+    value_at,
+)
 from ._custom_types import IsLayer, LayerAxis, ScalarOrSchedule
-from ._layca import DEFAULT_PARALLEL_TOL, initial_layer_norms, layca_layer_update
-from ._layers import Layering, LeafLayout, check_params, kept_shape, layer_dot, natural_order
-from ._optimizers import base_direction
+from ._layca import (
+    DEFAULT_PARALLEL_TOL,
+    check_layering_args,
+    initial_layer_norms,
+    layca_layer_update,
+    zero_norm_flags,
+)
+from ._layers import (
+    Layering,
+    LeafLayout,
+    check_like_init,
+    check_params,
+    kept_shape,
+    layer_dot,
+    natural_order,
+    upcast,
+)
+from ._optimizers import base_direction, guard_chain
 
 PAST_END = ("hold", "stop")
 
@@ -44,13 +66,16 @@ class AdaptCopyState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32): the row of the rate table used next.
-      initial_norm: ‖w⁰‖ per layer (float32, reduced axes kept).
+      initial_norm: ‖w⁰‖ per layer (float32 at least, reduced axes kept).
       initial_layers: ``{layer path: w⁰}`` with ``target="cosine_distance"`` (else empty).
+      zero_initial_norm: ``‖w⁰‖ == 0`` per layer (bool): layers that never train (see
+        :func:`~optax_layca.scale_by_layca`).
     """
 
     count: jax.Array
     initial_norm: Any
     initial_layers: dict
+    zero_initial_norm: Any
 
 
 def _points(
@@ -65,20 +90,17 @@ def _points(
                 "`adapt_copy(steps_per_epoch=...)` applies to a table given per epoch, not to a "
                 "RotationHistory (its steps are known)."
             )
-        return history_or_table.steps, history_or_table.get(name)
+        steps, values = history_or_table.steps, history_or_table.get(name)
+        if len(steps) > 1 and steps[0] == 0:  # a record of the initial state: the origin
+            steps, values = steps[1:], {p: v[1:] for p, v in values.items()}
+        return steps, values
     if not isinstance(history_or_table, Mapping) or not history_or_table:
         raise TypeError(
             "`adapt_copy` needs a RotationHistory or a non-empty dict {layer path: per-step "
             f"values}}; got {type(history_or_table).__name__}."
         )
-    if steps_per_epoch is not None and (
-        isinstance(steps_per_epoch, bool)
-        or not isinstance(steps_per_epoch, int)
-        or steps_per_epoch < 1
-    ):
-        raise ValueError(
-            f"`adapt_copy(steps_per_epoch=...)` must be an int >= 1; got {steps_per_epoch!r}."
-        )
+    if steps_per_epoch is not None:
+        steps_per_epoch = check_int(steps_per_epoch, "adapt_copy(steps_per_epoch=...)", low=1)
     table = {}
     for path, v in history_or_table.items():
         v = np.asarray(v, np.float64)
@@ -152,8 +174,8 @@ def _rate_to_reach(
     are evaluated through ``1 - cos`` forms (``2 sin²(x/2)``, ``1 - R = sin²φ (1-κ²)/(1+R)``)
     and the difference ``δ = w⁰ - w``, so small angles keep float32 relative accuracy.
     """
-    w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
-    delta = w0.astype(jnp.float32) - w32
+    w32, s32, w0_32 = upcast(w, s, w0)
+    delta = w0_32 - w32
     a, b, cs = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo), layer_dot(s32, s32, lo)
     dw, dd, sd = layer_dot(delta, w32, lo), layer_dot(delta, delta, lo), layer_dot(s32, delta, lo)
     has_w = a > 0
@@ -174,6 +196,16 @@ def _rate_to_reach(
     return jnp.tan(theta)
 
 
+def _check_args(past_end, target, max_angle, parallel_tol, non_layer_learning_rate) -> None:
+    check_choice(past_end, PAST_END, "adapt_copy(past_end=...)")
+    check_choice(target, TARGETS, "adapt_copy(target=...)")
+    check_number(max_angle, "adapt_copy(max_angle=...)", low=0.0, high=np.pi / 2,
+                 low_open=True, high_open=True)
+    check_layering_args("adapt_copy", parallel_tol)
+    if non_layer_learning_rate is not None:
+        check_learning_rate(non_layer_learning_rate, "adapt_copy(non_layer_learning_rate=...)")
+
+
 def scale_by_adapt_copy(
     history_or_table: RotationRecord | Mapping[str, Any],
     *,
@@ -191,12 +223,9 @@ def scale_by_adapt_copy(
 
     The step-direction part of :func:`adapt_copy` (no ``base``); see there.
     """
-    if past_end not in PAST_END:
-        raise ValueError(f"`adapt_copy(past_end=...)` must be one of {PAST_END}; got {past_end!r}.")
-    if target not in TARGETS:
-        raise ValueError(f"`adapt_copy(target=...)` must be one of {TARGETS}; got {target!r}.")
-    if not 0.0 < float(max_angle) < np.pi / 2:
-        raise ValueError(f"`adapt_copy(max_angle=...)` must lie in (0, π/2); got {max_angle}.")
+    _check_args(past_end, target, max_angle, parallel_tol, non_layer_learning_rate)
+    if non_layer_learning_rate is not None:
+        non_layer_learning_rate = guard_rate(non_layer_learning_rate)
     angles = _step_table(history_or_table, target, steps_per_epoch)
     num_steps = next(iter(angles.values())).shape[0]
     if target == "step_angle":
@@ -211,7 +240,9 @@ def scale_by_adapt_copy(
             for lo, x in zip(layering.layouts(params), jax.tree.leaves(params))
             if lo.is_layer
         }
-        unknown = [p for p in rates if p not in layers]
+        # an empty tree (``optax.masked(tx, {})``, an unused partition label) has no layer to
+        # match: the transform then acts on nothing
+        unknown = [p for p in rates if p not in layers] if jax.tree.leaves(params) else []
         missing = [p for p in natural_order(layers) if p not in rates]
         if unknown or missing:
             raise ValueError(
@@ -226,27 +257,31 @@ def scale_by_adapt_copy(
                     f"{tuple(rates[p].shape[1:])}, but its layout needs {want} "
                     "(check `layer_axis`/`per_unit`)."
                 )
+        norms = initial_layer_norms(params, layering, "adapt_copy")
         return AdaptCopyState(
             count=jnp.zeros((), jnp.int32),
-            initial_norm=initial_layer_norms(params, layering, "adapt_copy"),
+            initial_norm=norms,
             initial_layers=(
                 {p: jnp.copy(x) for p, (lo, x) in layers.items()}
                 if target == "cosine_distance"
                 else {}
             ),
+            zero_initial_norm=zero_norm_flags(params, norms, layering),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        check_like_init(updates, state.initial_norm, layering, "adapt_copy")
         row = jnp.minimum(state.count, num_steps - 1)
 
         def one(lo, s, w, n0):
             if not lo.is_layer:
+                s32 = upcast(s)
                 if non_layer_learning_rate is None:  # frozen: 0, but NaN for a NaN gradient
-                    return (0.0 * s.astype(jnp.float32)).astype(s.dtype)
-                lr = value_at(non_layer_learning_rate, state.count).astype(jnp.float32)
-                return (-lr * s.astype(jnp.float32)).astype(s.dtype)
+                    return (0.0 * s32).astype(s.dtype)
+                lr = value_at(non_layer_learning_rate, state.count).astype(s32.dtype)
+                return (-lr * s32).astype(s.dtype)
             value = rates[lo.path][row]
             value = jnp.expand_dims(value, lo.reduce_axes) if lo.reduce_axes else value
             if target == "step_angle":
@@ -347,7 +382,7 @@ def adapt_copy(
       Carbonnelle & De Vleeschouwer, `Layer rotation: a surprisingly simple indicator of
       generalization in deep networks?`, 2019, §5.4 and App. B.4.
     """
-    return optax.chain(
+    tx = optax.chain(
         base_direction(base, check_base),
         scale_by_adapt_copy(
             history_or_table,
@@ -362,3 +397,4 @@ def adapt_copy(
             parallel_tol=parallel_tol,
         ),
     )
+    return guard_chain(tx, "adapt_copy", Layering(is_layer, layer_axis, per_unit), 1)

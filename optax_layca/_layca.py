@@ -2,7 +2,8 @@
 
 Transforms before ``optax.scale_by_learning_rate`` act on gradient-like directions; those after
 it act on the signed update and read ``params``. Every reduction is per layer (or per unit) and
-in float32; results are cast back to the dtype of the incoming update.
+in float32 at least (float64 leaves stay float64, see :func:`~optax_layca._layers.compute_dtype`);
+results are cast back to the dtype of the incoming update.
 """
 
 from __future__ import annotations
@@ -13,49 +14,87 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._base import is_concrete, value_at
+from ._base import (
+    check_choice,
+    check_learning_rate,
+    check_number,
+    guard_rate,
+    is_concrete,
+    value_at,
+)
 from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
 from ._layers import (
     Layering,
     LeafLayout,
+    check_layer_order,
+    check_like_init,
     check_params,
+    compute_dtype,
     distance_to_reference,
-    layer_depths,
     layer_dots,
+    layer_norm,
     nan_where,
     pow2,
     scaled_layer_dots,
     scaled_layer_norm,
+    tensor_layouts,
+    upcast,
 )
-from ._multipliers import check_alpha, multiplier_at_depth
+from ._multipliers import check_alpha, init_layer_depths, multiplier_at_depth
 
 DEFAULT_PARALLEL_TOL = 1e-3
 # Fused Layca recomputes ‖s⊥‖² in a second pass when ‖s‖/‖s⊥‖ exceeds this (float32 error of
 # the one-pass c − b²/a is then above ~1e-6 relative).
 PRECISE_RATIO = 4.0
 
+NON_LAYER_POLICIES = ("freeze", "base")
+NORMALIZE_POLICIES = ("pass", "normalize")
+
+
+
+def check_non_layer(
+    non_layer: str, where: str, allowed: tuple[str, ...] = NON_LAYER_POLICIES
+) -> None:
+    """Raises a ValueError unless ``non_layer`` is one of ``allowed``."""
+    check_choice(non_layer, allowed, f"{where}(non_layer=...)")
+
+
+def check_min_step_norm(min_step_norm: float, where: str) -> None:
+    """Raises a ValueError unless ``min_step_norm`` is a finite float >= 0 (or traced, as
+    under ``optax.inject_hyperparams``)."""
+    check_number(min_step_norm, f"{where}(min_step_norm=...)", low=0.0)
+
 
 def new_and_u(w: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(w + u, u)`` in float32: the inputs of op 4's sums, derived inside each reduction."""
-    u32 = u.astype(jnp.float32)
-    return w.astype(jnp.float32) + u32, u32
+    """``(w + u, u)`` in the compute dtype: the inputs of op 4's sums, derived inside each
+    reduction."""
+    w32, u32 = upcast(w, u)
+    return w32 + u32, u32
 
 
 def w_and_new(w: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(w, w + u)`` in float32: the inputs of the norm cap's sums."""
-    w32 = w.astype(jnp.float32)
-    return w32, w32 + u.astype(jnp.float32)
+    """``(w, w + u)`` in the compute dtype: the inputs of the norm cap's sums."""
+    w32, u32 = upcast(w, u)
+    return w32, w32 + u32
 
 
-def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
-    """‖w⁰‖ per layer (float32, reduced axes kept; a 0-d zero for non-layer leaves).
+def initial_layer_norms(
+    params: Any, layering: Layering, transform: str, non_layer: str = "pass"
+) -> Any:
+    """‖w⁰‖ per layer (float32 at least, reduced axes kept; a 0-d zero for non-layer leaves).
 
     A zero-norm layer can never rotate under a norm-pinning transform, so when ``params`` are
-    concrete this raises a ValueError naming the leaf.
+    concrete this raises a ValueError naming the leaf. Under a jitted ``init`` it cannot; the
+    layer is then flagged by :func:`zero_norm_flags`. With ``non_layer="normalize"``
+    non-layer leaves get their own norm too (whole, or per block: see
+    :func:`~optax_layca._layers.tensor_layouts`), zero allowed (a zero bias stays 0).
     """
+    tensors = tensor_layouts(params, layering) if non_layer == "normalize" else None
 
     def norm(lo, w):
         if not lo.is_layer:
+            if tensors is not None:
+                return layer_norm(w, tensors[lo.path])
             return jnp.zeros((), jnp.float32)
         n = scaled_layer_norm(w, lo)
         if is_concrete(n) and bool(jnp.any(n == 0)):
@@ -68,6 +107,24 @@ def initial_layer_norms(params: Any, layering: Layering, transform: str) -> Any:
         return n
 
     return layering.map(norm, params)
+
+
+def zero_norm_flags(params: Any, initial_norm: Any, layering: Layering) -> Any:
+    """``‖w⁰‖ == 0`` per layer (bool, reduced axes kept; a 0-d False for non-layer leaves).
+
+    Such a layer (e.g. a zero-initialised classifier head or residual branch reached through a
+    jitted ``init``) stays at 0 forever under a norm-pinning transform: the flag makes that
+    visible in the state (``optax.tree.get(state, "zero_initial_norm")``), and
+    :func:`~optax_layca.rotation.track_rotation` reports such layers too.
+    """
+    return layering.map(
+        lambda lo, w, n0: (n0 == 0) if lo.is_layer else jnp.zeros((), bool), params, initial_norm
+    )
+
+
+def check_layering_args(where: str, parallel_tol: Any = 0.0) -> None:
+    """``parallel_tol`` in [0, 1) (``is_layer``/``layer_axis``/``per_unit``: :class:`Layering`)."""
+    check_number(parallel_tol, f"{where}(parallel_tol=...)", low=0.0, high=1.0, high_open=True)
 
 
 def project_orthogonal(
@@ -91,7 +148,8 @@ def project_orthogonal(
       is_layer: which leaves are layers (default: kernels/embeddings, ndim >= 2).
       layer_axis: stack axis of leaves holding several layers.
       per_unit: project each output unit (last axis) separately.
-      parallel_tol: relative threshold under which the projected step is set to 0.
+      parallel_tol: relative threshold under which the projected step is set to 0, in
+        ``[0, 1)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (needs ``params``).
@@ -103,6 +161,7 @@ def project_orthogonal(
       >>> u["kernel"].tolist()
       [[0.0, 3.0]]
     """
+    check_layering_args("project_orthogonal", parallel_tol)
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -112,7 +171,7 @@ def project_orthogonal(
         def project(lo, s, w):
             if not lo.is_layer:
                 return s
-            s32, w32 = s.astype(jnp.float32), w.astype(jnp.float32)
+            s32, w32 = upcast(s, w)
             # in units of the rescaled w·2^-ew, s·2^-es (exponents 0 unless a sum would
             # under/overflow): s⊥ is then exact for any scale of s and w
             (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
@@ -133,14 +192,17 @@ def scale_to_weight_norm(
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
+    non_layer: str = "pass",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Layca op 2 (rotation-based normalisation): rescales each layer's step to ‖w‖.
 
     .. math::
       s \leftarrow s \, \frac{\lVert w \rVert}{\lVert s \rVert}
 
-    A zero step stays zero (never NaN). Non-layer leaves pass through unchanged. Without op 1
-    this is the normalisation of LARS/NGadap.
+    A zero step stays zero (never NaN), and so does the step of a zero tensor. Non-layer
+    leaves pass through unchanged (``non_layer="pass"``), or are normalised to their own norm
+    too (``"normalize"``, whole or per stacked block), as the authors' LARS normalises every
+    tensor. Without op 1 this is the normalisation of LARS/NGadap.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -149,16 +211,20 @@ def scale_to_weight_norm(
       >>> u["kernel"].tolist()
       [[0.0, 5.0]]
     """
+    check_non_layer(non_layer, "scale_to_weight_norm", NORMALIZE_POLICIES)
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        tensors = tensor_layouts(params, layering) if non_layer == "normalize" else None
 
         def scale(lo, s, w):
             if not lo.is_layer:
-                return s
-            s32 = s.astype(jnp.float32)
+                if tensors is None:
+                    return s
+                lo = tensors[lo.path]
+            s32 = upcast(s)
             (ss, ww), (es, ew) = scaled_layer_dots(lo, ((0, 0), (1, 1)), s, w)
             # ‖w‖/‖s‖ = (‖w'‖/‖s'‖) 2^(ew - es): the powers of two are applied to s apart,
             # exactly, since their ratio alone may not be a float32 (1e30 / 1e-30)
@@ -172,9 +238,24 @@ def scale_to_weight_norm(
 
 
 class InitialNormState(NamedTuple):
-    """Norm of every layer at ``init`` (float32, reduced axes kept; 0-d 0 for non-layers)."""
+    """State of :func:`project_to_initial_norm` and :func:`cap_norm_increase`.
+
+    Attributes:
+      initial_norm: ‖w⁰‖ of every layer at ``init`` (float32 at least, reduced axes kept; 0-d
+        0 for non-layers).
+      zero_initial_norm: ``‖w⁰‖ == 0`` per layer (bool; see :func:`zero_norm_flags`).
+    """
 
     initial_norm: Any
+    zero_initial_norm: Any
+
+
+def initial_norm_state(
+    params: Any, layering: Layering, transform: str, non_layer: str = "pass"
+) -> InitialNormState:
+    """``‖w⁰‖`` per layer with its zero flags (see :func:`initial_layer_norms`)."""
+    norms = initial_layer_norms(params, layering, transform, non_layer)
+    return InitialNormState(norms, zero_norm_flags(params, norms, layering))
 
 
 def project_to_initial_norm(
@@ -192,7 +273,9 @@ def project_to_initial_norm(
 
     ``init`` raises a ValueError naming the layer when a concrete initial norm is zero. When
     ``init`` runs under tracing that check is impossible; a zero ``‖w⁰‖`` then pins the layer
-    at 0 (``u' = -w``), and ``w' = 0`` leaves ``u`` unchanged: no NaN either way.
+    at 0 (``u' = -w``), and ``w' = 0`` leaves ``u`` unchanged: no NaN either way. Such layers
+    are flagged in the state's ``zero_initial_norm`` (and reported by
+    :func:`~optax_layca.rotation.track_rotation`): they never train.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -205,16 +288,17 @@ def project_to_initial_norm(
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def init_fn(params):
-        return InitialNormState(initial_layer_norms(params, layering, "project_to_initial_norm"))
+        return initial_norm_state(params, layering, "project_to_initial_norm")
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        check_like_init(updates, state.initial_norm, layering, "project_to_initial_norm")
 
         def project(lo, u, w, n0):
             if not lo.is_layer:
                 return u
-            w32, u32 = w.astype(jnp.float32), u.astype(jnp.float32)
+            w32, u32 = upcast(w, u)
             new = w32 + u32
             (nn, uu), (en, _) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=new_and_u,
                                                   sources=((0, 1), (1,)))
@@ -236,6 +320,7 @@ def cap_norm_increase(
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
+    non_layer: str = "pass",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The papers' LARS safeguard: caps each layer's norm growth per step.
 
@@ -251,6 +336,9 @@ def cap_norm_increase(
     Args:
       max_increase: ``δ``, allowed growth per step relative to the initial norm (1e-4 in the
         paper's footnote 7).
+      non_layer: ``"pass"`` (non-layer leaves unchanged) or ``"normalize"`` (capped like
+        layers, relative to their own initial norm; a zero tensor may not grow at all, as in
+        the authors' LARS).
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -263,22 +351,26 @@ def cap_norm_increase(
     References:
       Carbonnelle & De Vleeschouwer, 2019, App. A.2, footnote 7.
     """
-    if is_concrete(max_increase) and not float(max_increase) >= 0:
-        raise ValueError(f"`cap_norm_increase(max_increase=...)` must be >= 0; got {max_increase}.")
+    check_number(max_increase, "cap_norm_increase(max_increase=...)", low=0.0)
+    check_non_layer(non_layer, "cap_norm_increase", NORMALIZE_POLICIES)
     layering = Layering(is_layer, layer_axis, per_unit)
 
     def init_fn(params):
-        return InitialNormState(initial_layer_norms(params, layering, "cap_norm_increase"))
+        return initial_norm_state(params, layering, "cap_norm_increase", non_layer)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(updates, params)
+        check_like_init(updates, state.initial_norm, layering, "cap_norm_increase")
+        tensors = tensor_layouts(params, layering) if non_layer == "normalize" else None
 
         def cap(lo, u, w, n0):
             if not lo.is_layer:
-                return u
-            w32 = w.astype(jnp.float32)
-            new = w32 + u.astype(jnp.float32)
+                if tensors is None:
+                    return u
+                lo = tensors[lo.path]
+            w32, u32 = upcast(w, u)
+            new = w32 + u32
             (ww, nn), (ew, en) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=w_and_new,
                                                   sources=((0,), (0, 1)))
             n, n_new = jnp.sqrt(ww) * pow2(ew), jnp.sqrt(nn) * pow2(en)
@@ -410,8 +502,9 @@ def layca_tangent_part(lo: LeafLayout, w, s, ew, es, a, b, c, w0=None, dperp=Non
     raw = (w, s) if w0 is None else (w, s, w0)
 
     def second_pass(w, s, *w0):
-        w32 = w.astype(jnp.float32) * pow2(-ew)
-        perp = s.astype(jnp.float32) * pow2(-es) - (b / a_safe) * w32
+        w32, s32 = upcast(w, s)
+        w32 = w32 * pow2(-ew)
+        perp = s32 * pow2(-es) - (b / a_safe) * w32
         xs, pairs = (perp, w32), ((0, 1), (0, 0))
         if w0:
             xs, pairs = xs + ((w32 - w0[0].astype(jnp.float32) * pow2(-ew)),), pairs + ((0, 2),)
@@ -431,6 +524,7 @@ def layca_layer_update(
     n0: jax.Array,
     rho: jax.Array,
     parallel_tol: float,
+    min_step_norm: float = 0.0,
     probe: RotationProbe | None = None,
 ) -> jax.Array:
     """Fused Layca ops 1–4 for one layer leaf at per-layer rate ``rho`` (see :func:`scale_by_layca`).
@@ -447,6 +541,7 @@ def layca_layer_update(
     gives NaN for that layer. With a ``probe`` watching the layer, the rotation monitor's
     figures are computed alongside (see :class:`RotationProbe`).
     """
+    rho = jnp.asarray(rho).astype(compute_dtype(w, s))
     watch = probe is not None and probe.watches(lo, w)
     (a, b, c), (ew, es), extra = layca_sums(lo, w, s, probe if watch else None)
     poisoned = jnp.isnan(a + b + c + n0 + rho)
@@ -458,6 +553,9 @@ def layca_layer_update(
     # A layer that does not rotate (zero or parallel step, or ρ = 0) stays exactly put: no
     # radial float32 renormalisation either, so a zero gradient gives a zero update.
     moves = has_norm & (proj2 > parallel_tol**2 * c) & (rho != 0)
+    # The authors' guard: absolute, on the lr-scaled projected step ρ‖s⊥‖ = ρ √proj2 2^es
+    # (written so that a NaN ρ still propagates).
+    moves = moves & ~(rho * rho * proj2 <= jnp.square(min_step_norm * pow2(-es)))
     rho = jnp.where(moves, rho, 0.0)
     root_a = jnp.sqrt(a_safe)
     # ŝ' = (s' - (b/a) w') · inv, with ‖ŝ'‖ = ‖w'‖.
@@ -474,7 +572,7 @@ def layca_layer_update(
     coef_w, coef_s = nan_where(poisoned, coef_w), nan_where(poisoned, coef_s)
 
     def update(w, s):  # one elementwise pass (s 2^-es: a multiply by 1 on the usual path)
-        w32, s32 = w.astype(jnp.float32), s.astype(jnp.float32)
+        w32, s32 = upcast(w, s)
         return coef_w * w32 + coef_s * (s32 * pow2(-es))
 
     if watch:
@@ -489,23 +587,18 @@ class ScaleByLaycaState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32), for learning-rate and α schedules.
-      initial_norm: ‖w⁰‖ per layer (float32, reduced axes kept).
+      initial_norm: ‖w⁰‖ per layer (float32 at least, reduced axes kept).
       layer_depth: layer index per leaf (int32, -1 for non-layers).
-      num_layers: ``L`` (int32).
+      num_layers: ``L`` (int32); 0 when no forward order was known at ``init`` (α was 0).
+      zero_initial_norm: ``‖w⁰‖ == 0`` per layer (bool): layers that never train (see
+        :func:`zero_norm_flags`).
     """
 
     count: jax.Array
     initial_norm: Any
     layer_depth: Any
     num_layers: jax.Array
-
-
-NON_LAYER_POLICIES = ("base", "freeze")
-
-
-def check_non_layer(non_layer: str, where: str) -> None:
-    if non_layer not in NON_LAYER_POLICIES:
-        raise ValueError(f"`{where}(non_layer=...)` must be one of {NON_LAYER_POLICIES}; got {non_layer!r}.")
+    zero_initial_norm: Any
 
 
 def scale_by_layca(
@@ -513,11 +606,12 @@ def scale_by_layca(
     alpha: ScalarOrSchedule = 0.0,
     layer_order: LayerOrder = None,
     *,
-    non_layer: str = "base",
+    non_layer: str = "freeze",
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
     parallel_tol: float = DEFAULT_PARALLEL_TOL,
+    min_step_norm: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Layca ops 1–4 and Eq. 1 fused: one reduction pass per layer.
 
@@ -538,17 +632,24 @@ def scale_by_layca(
     scale_by_learning_rate, project_to_initial_norm`` to float tolerance, reading each tensor
     twice. Each layer rotates by exactly ``arctan(ρ_l(t))`` per step and keeps ``‖w⁰‖``.
 
-    Non-layer leaves (biases, norm scales) follow ``non_layer``: ``"base"`` updates them with
-    ``-η(t) s`` (the base optimizer with the plain learning rate); ``"freeze"`` gives 0.
+    Non-layer leaves (biases, norm scales) follow ``non_layer``: ``"freeze"`` (default)
+    gives 0, so they keep their initial values as in the authors' code ("only kernels are
+    optimized"); ``"base"`` updates them with ``-η(t) s`` (the base optimizer with the plain
+    learning rate).
 
     Args:
-      learning_rate: ``η(t)``, the rotation per step of a multiplier-1 layer is
-        ``arctan(η(t))``; a float or an optax schedule.
+      learning_rate: ``η(t) >= 0``, the rotation per step of a multiplier-1 layer is
+        ``arctan(η(t))``; a float or an optax schedule (checked at step 0). A negative or NaN
+        rate that cannot be checked early (a schedule's later values, a rate traced by
+        ``optax.inject_hyperparams``) makes the updates NaN rather than ascend.
       alpha: Eq. 1 prioritisation in ``[-1, 1]`` (or a schedule).
       layer_order: forward order of layer paths (None: natural sort).
-      non_layer: ``"base"`` or ``"freeze"``.
+      non_layer: ``"freeze"`` or ``"base"``.
       is_layer, layer_axis, per_unit: see :func:`project_orthogonal`.
       parallel_tol: relative threshold for a step parallel to ``w`` (projected to 0).
+      min_step_norm: absolute threshold: a layer whose lr-scaled projected step has
+        ``ρ_l ‖s_⊥‖ ≤ min_step_norm`` does not move. 0 (default) disables it; the authors'
+        code uses 1e-7 (Keras' ``K.epsilon()``), see ``docs/fidelity.md``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (needs ``params``).
@@ -561,32 +662,45 @@ def scale_by_layca(
       >>> np.asarray(w["kernel"] + u["kernel"], float).round(4).tolist()  # 45 degrees, norm kept
       [[0.7071, 0.7071]]
     """
+    check_learning_rate(learning_rate, "scale_by_layca(learning_rate=...)")
     check_alpha(alpha, "scale_by_layca(alpha=...)")
+    check_layer_order(layer_order, "scale_by_layca")
     check_non_layer(non_layer, "scale_by_layca")
+    check_layering_args("scale_by_layca", parallel_tol)
+    check_min_step_norm(min_step_norm, "scale_by_layca")
     layering = Layering(is_layer, layer_axis, per_unit)
+    rate = guard_rate(learning_rate)
 
     def init_fn(params):
-        depth, num_layers = layer_depths(params, layering, layer_order)
+        depth, num_layers = init_layer_depths(
+            params, layering, layer_order, alpha, "scale_by_layca"
+        )
+        norms = initial_layer_norms(params, layering, "scale_by_layca")
         return ScaleByLaycaState(
             count=jnp.zeros((), jnp.int32),
-            initial_norm=initial_layer_norms(params, layering, "scale_by_layca"),
+            initial_norm=norms,
             layer_depth=depth,
-            num_layers=jnp.asarray(num_layers, jnp.int32),
+            num_layers=num_layers,
+            zero_initial_norm=zero_norm_flags(params, norms, layering),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         probe = extra_args.get("rotation_probe")  # from a wrapping track_rotation
         check_params(updates, params)
-        lr = value_at(learning_rate, state.count).astype(jnp.float32)
+        check_like_init(updates, state.initial_norm, layering, "scale_by_layca")
+        lr = value_at(rate, state.count)
         a_t = value_at(alpha, state.count)
 
         def fused(lo, s, w, n0, depth):
             if not lo.is_layer:
+                s32 = upcast(s)
                 if non_layer == "freeze":  # 0, but NaN for a NaN gradient (0 * NaN)
-                    return (0.0 * s.astype(jnp.float32)).astype(s.dtype)
-                return (-lr * s.astype(jnp.float32)).astype(s.dtype)
-            rho = lr * multiplier_at_depth(a_t, depth, state.num_layers)
-            return layca_layer_update(lo, s, w, n0, rho, parallel_tol, probe)
+                    return (0.0 * s32).astype(s.dtype)
+                return (-lr.astype(s32.dtype) * s32).astype(s.dtype)
+            dtype = compute_dtype(s, w)
+            m = multiplier_at_depth(a_t, depth, state.num_layers, dtype)
+            rho = lr.astype(dtype) * m
+            return layca_layer_update(lo, s, w, n0, rho, parallel_tol, min_step_norm, probe)
 
         updates = layering.map(fused, updates, params, state.initial_norm, state.layer_depth)
         return updates, state._replace(count=optax.safe_increment(state.count))

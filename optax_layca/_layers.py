@@ -58,6 +58,10 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def _is_axis(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def default_is_layer(path: str, leaf: Any) -> bool:
     """Default layer predicate: a leaf named kernel/embedding/w, or any leaf with ndim >= 2.
 
@@ -114,11 +118,6 @@ class LeafLayout:
     stack_axis: int | None
     reduce_axes: tuple[int, ...]
 
-    def num_stacked(self, shape: Sequence[int]) -> int:
-        if not self.is_layer:
-            return 0
-        return 1 if self.stack_axis is None else int(shape[self.stack_axis])
-
 
 @dataclasses.dataclass(frozen=True)
 class Layering:
@@ -128,8 +127,12 @@ class Layering:
       is_layer: ``callable(path, leaf) -> bool``, or a sequence of layer paths, or None for
         :func:`default_is_layer`.
       layer_axis: for leaves that stack several layers (``nn.scan``/``nnx.vmap``), the axis
-        indexing them: an int for every layer leaf, a ``{path: axis}`` mapping, or
-        ``callable(path, leaf) -> int | None``. None: every layer leaf is one layer.
+        indexing them. An int: *every* layer leaf is such a stack, all of the same length
+        (a tree that also holds unstacked layers, e.g. an embedding and a head, raises and
+        must name its stacks); a ``{path: axis}`` mapping whose keys are leaf paths or
+        module paths (``{"blocks": 0}``: every layer under ``blocks/``, which is then the
+        *scan root* of those leaves); or ``callable(path, leaf) -> int | None``. None: every
+        layer leaf is one layer. See :func:`layer_depths` for the depth of stacked layers.
       per_unit: if True, each output unit (slice along the last axis, Flax kernel layout) is
         its own "layer" for the norm and rotation operations (as in Nero); the depth index
         used by the α multipliers stays that of the whole leaf.
@@ -147,24 +150,52 @@ class Layering:
                     f"paths; got {self.is_layer!r}."
                 )
             object.__setattr__(self, "is_layer", tuple(self.is_layer))
-        if isinstance(self.layer_axis, Mapping):
-            object.__setattr__(self, "layer_axis", tuple(sorted(self.layer_axis.items())))
+        axis = self.layer_axis
+        if isinstance(axis, Mapping):
+            bad = {k: v for k, v in axis.items() if not _is_axis(v) or not isinstance(k, str)}
+            if bad:
+                raise TypeError(
+                    "`layer_axis` as a mapping must map layer paths to int axes; got "
+                    f"{bad!r}."
+                )
+            object.__setattr__(self, "layer_axis", tuple(sorted(axis.items())))
+        elif not (axis is None or callable(axis) or _is_axis(axis)):
+            raise TypeError(
+                "`layer_axis` must be None, an int, a {path: int} mapping or "
+                f"callable(path, leaf) -> int | None; got {axis!r}."
+            )
         if not isinstance(self.per_unit, bool):
             raise TypeError(f"`per_unit` must be a bool; got {self.per_unit!r}.")
 
     def _is_layer(self, path: str, leaf: Any) -> bool:
         if self.is_layer is None:
             return default_is_layer(path, leaf)
-        if callable(self.is_layer):
-            return bool(self.is_layer(path, leaf))
-        return path in self.is_layer
+        chosen = self.is_layer(path, leaf) if callable(self.is_layer) else path in self.is_layer
+        if chosen and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"`is_layer` chose leaf {path!r} of dtype {jnp.result_type(leaf)}, but layers "
+                "must be floating point."
+            )
+        return bool(chosen)
+
+    def scan_root(self, path: str) -> str | None:
+        """The mapping key naming ``path``'s scanned module (``layer_axis={module: axis}``).
+
+        None when ``layer_axis`` is not a mapping, or names ``path`` itself, or nothing.
+        """
+        if not isinstance(self.layer_axis, tuple):
+            return None
+        roots = [k for k, _ in self.layer_axis if path.startswith(k + "/")]
+        return max(roots, key=len) if roots else None
 
     def _stack_axis(self, path: str, leaf: Any) -> int | None:
         spec = self.layer_axis
         if spec is None:
             return None
         if isinstance(spec, tuple):
-            axis = dict(spec).get(path)
+            axes = dict(spec)
+            root = self.scan_root(path)
+            axis = axes.get(path, axes.get(root) if root is not None else None)
         elif callable(spec):
             axis = spec(path, leaf)
         else:
@@ -188,11 +219,42 @@ class Layering:
         return LeafLayout(path, True, stack, reduce)
 
     def layouts(self, tree: Any) -> list[LeafLayout]:
-        """Layouts of every leaf of ``tree``, in ``jax.tree`` order."""
-        return [self.layout(path_str(p), x) for p, x in jtu.tree_flatten_with_path(tree)[0]]
+        """Layouts of every leaf of ``tree``, in ``jax.tree`` order (stacks checked)."""
+        leaves = jtu.tree_flatten_with_path(tree)[0]
+        layouts = [self.layout(path_str(p), x) for p, x in leaves]
+        self._check_int_axis(layouts, [x for _, x in leaves])
+        return layouts
+
+    def _check_int_axis(self, layouts: Sequence[LeafLayout], leaves: Sequence[Any]) -> None:
+        """An int ``layer_axis`` claims that every layer leaf is one stack of equal length.
+
+        A leaf that is not such a stack (an embedding, a head beside ``nn.scan`` blocks)
+        would otherwise be cut into ``shape[axis]`` silent "layers".
+        """
+        axis = self.layer_axis
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            return
+        sizes = {lo.path: shape_of(x)[lo.stack_axis]
+                 for lo, x in zip(layouts, leaves) if lo.is_layer}
+        if len(set(sizes.values())) <= 1:
+            return
+        counts: dict[int, list[str]] = {}
+        for path, n in sizes.items():
+            counts.setdefault(n, []).append(path)
+        common = max(counts, key=lambda n: len(counts[n]))
+        odd = sorted(p for n, ps in counts.items() if n != common for p in ps)
+        raise ValueError(
+            f"`layer_axis={axis}` is an int, so every layer leaf must stack the same number of "
+            f"layers along axis {axis}; {counts[common][:3]} stack {common}, but leaf "
+            f"{odd[0]!r} has {sizes[odd[0]]} there ({len(odd)} such leaves: {odd[:5]}). When "
+            "stacked (nn.scan/nnx.vmap) and unstacked layers mix, name the stacks: "
+            "`layer_axis={'<scanned module>': 0}` or `layer_axis=lambda path, leaf: 0 if "
+            "path.startswith('<scanned module>/') else None`."
+        )
 
     def map(self, fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
         """``jax.tree.map`` calling ``fn(layout, leaf, *rest_leaves)``."""
+        self.layouts(tree)  # trace-time checks only (static shapes)
         return jtu.tree_map_with_path(
             lambda p, x, *r: fn(self.layout(path_str(p), x), x, *r), tree, *rest
         )
@@ -202,15 +264,40 @@ class Layering:
         return tuple(lo.path for lo in self.layouts(tree) if lo.is_layer)
 
 
+def compute_dtype(*xs: Any) -> jnp.dtype:
+    """dtype of the per-layer maths: that of the arrays, promoted to at least float32.
+
+    bfloat16/float16 leaves are reduced in float32 (their sums of squares overflow and lose
+    digits otherwise); float64 leaves (``jax_enable_x64``) stay in float64.
+    """
+    # Not jnp.promote_types: it refuses bfloat16 + float32 under strict dtype promotion.
+    dtypes = [jnp.dtype(jnp.result_type(x)) for x in xs]
+    wide = any(d.itemsize >= (16 if jnp.issubdtype(d, jnp.complexfloating) else 8) for d in dtypes)
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+        return jnp.dtype(jnp.complex128 if wide else jnp.complex64)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def upcast_all(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """The arrays cast to their common :func:`compute_dtype`."""
+    dtype = compute_dtype(*xs)
+    return tuple(jnp.asarray(x).astype(dtype) for x in xs)
+
+
+def upcast(*xs: jax.Array) -> Any:
+    """:func:`upcast_all`, but one array (not a tuple) for one argument."""
+    out = upcast_all(*xs)
+    return out[0] if len(out) == 1 else out
+
+
 def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
-    """Per-layer inner product in float32, with the reduced axes kept (for broadcasting)."""
-    return jnp.sum(
-        x.astype(jnp.float32) * y.astype(jnp.float32), axis=lo.reduce_axes, keepdims=True
-    )
+    """Per-layer inner product in :func:`compute_dtype` (float32 at least), reduced axes kept."""
+    dtype = compute_dtype(x, y)
+    return jnp.sum(x.astype(dtype) * y.astype(dtype), axis=lo.reduce_axes, keepdims=True)
 
 
 def layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
-    """Per-layer Euclidean norm in float32, reduced axes kept."""
+    """Per-layer Euclidean norm in :func:`compute_dtype`, reduced axes kept."""
     return jnp.sqrt(layer_dot(x, x, lo))
 
 
@@ -234,13 +321,13 @@ def layer_dots(lo: LeafLayout, pairs: Sequence[tuple[int, int]], *xs: jax.Array)
     usual blocked-summation bound ``|err| <= (16 + log2 n) eps sum|x_i y_i|`` (eps = 2**-24)
     plus the products' own rounding.
     """
-    xs32 = [x.astype(jnp.float32) for x in xs]
+    xs32 = upcast_all(*xs)
     shape = xs32[0].shape
     last = len(shape) - 1
     if last < 0 or last not in lo.reduce_axes or shape[last] % DOTS_ROW or not shape[last]:
         return tuple(jnp.sum(xs32[i] * xs32[j], lo.reduce_axes, keepdims=True) for i, j in pairs)
     rows = [x.reshape(*shape[:-1], shape[-1] // DOTS_ROW, DOTS_ROW) for x in xs32]
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros((), xs32[0].dtype)
     partial = jax.lax.reduce(
         tuple(rows[i] * rows[j] for i, j in pairs),
         (zero,) * len(pairs),
@@ -306,7 +393,7 @@ def scaled_layer_dots(
     a cross term is bounded by the squares of its factors' groups.
     """
     if make is None:
-        make = lambda *r: tuple(x.astype(jnp.float32) for x in r)  # noqa: E731
+        make = upcast_all
     xs = make(*raw)
     groups = tuple(range(len(xs))) if groups is None else tuple(groups)
     sources = tuple((i,) for i in range(len(xs))) if sources is None else tuple(sources)
@@ -323,7 +410,7 @@ def scaled_layer_dots(
     zeros = {g: jnp.zeros(dots[0].shape, jnp.int32) for g in members}
 
     def rescaled(*raw):
-        peaks = [jnp.max(jnp.abs(r.astype(jnp.float32)), lo.reduce_axes, keepdims=True)
+        peaks = [jnp.max(jnp.abs(upcast(r)), lo.reduce_axes, keepdims=True)
                  for r in raw]
         exps = {}
         for g, m in members.items():
@@ -433,28 +520,144 @@ def check_same_structure(tree: Any, reference: Any, name: str, ref_name: str = "
     )
 
 
+def check_same_shapes(tree: Any, reference: Any, name: str, ref_name: str = "params") -> None:
+    """Raises a ValueError naming the first leaf whose shape differs (same structures)."""
+    for (p, x), y in zip(jtu.tree_flatten_with_path(tree)[0], jax.tree.leaves(reference)):
+        if shape_of(x) != shape_of(y):
+            raise ValueError(
+                f"`{name}` and `{ref_name}` must have the same leaf shapes; leaf "
+                f"{path_str(p)!r} has shape {shape_of(x)} in `{name}` and {shape_of(y)} in "
+                f"`{ref_name}`."
+            )
+
+
 def check_params(updates: Any, params: Any) -> None:
-    """Raises unless ``params`` is given and has the structure of ``updates``."""
+    """Raises unless ``params`` is given and has the structure and leaf shapes of ``updates``."""
     if params is None:
         raise ValueError(NO_PARAMS_MSG)
     check_same_structure(updates, params, "updates")
+    check_same_shapes(updates, params, "updates")
+
+
+def check_like_init(tree: Any, per_layer: Any, layering: Layering, where: str) -> None:
+    """Checks ``tree`` against a per-layer state leaf built by ``init`` (reduced axes kept).
+
+    Same structure, and every layer leaf of the same rank with the same kept axes (stack axis,
+    units) as at init; names the leaf otherwise. A change of size along a reduced axis cannot
+    be seen from a per-layer figure.
+    """
+    check_same_structure(tree, per_layer, "updates", "params at init")
+    for (p, x), ref in zip(jtu.tree_flatten_with_path(tree)[0], jax.tree.leaves(per_layer)):
+        lo = layering.layout(path_str(p), x)
+        shape, ref_shape = shape_of(x), shape_of(ref)
+        if not lo.is_layer:
+            # a 0-d placeholder, or a whole-tensor norm kept per block (``non_layer="normalize"``)
+            same = ref_shape == () or (
+                len(ref_shape) == len(shape) and all(r in (1, n) for n, r in zip(shape, ref_shape))
+            )
+        else:
+            same = len(ref_shape) == len(shape) and all(
+                r in (1, n) and (r == n or i in lo.reduce_axes)
+                for i, (n, r) in enumerate(zip(shape, ref_shape))
+            )
+        if not same:
+            raise ValueError(
+                f"`{where}`: leaf {lo.path!r} has shape {shape}, which does not match the "
+                f"params seen at `init` (per-layer state of shape {ref_shape}). Call `init` "
+                "again after changing the model."
+            )
+
+
+def no_layer_error(tree: Any, where: str) -> ValueError:
+    """The "no layer found" error, saying when integer or complex dtypes are the reason."""
+    msg = (
+        f"No layer found in params (`{where}`): no leaf matches `is_layer` (default: "
+        f"floating-point leaves named {'/'.join(LAYER_NAMES)} or with ndim >= 2). Pass "
+        "`is_layer=` to choose them."
+    )
+    skipped = [
+        f"{path_str(p)} ({jnp.result_type(x)})"
+        for p, x in jtu.tree_flatten_with_path(tree)[0]
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        and (path_str(p).rsplit("/", 1)[-1] in LAYER_NAMES or len(shape_of(x)) >= 2)
+    ]
+    if skipped:
+        msg += (
+            f" These leaves look like layers but are not floating point, and layers must be: "
+            f"{skipped[:5]}."
+        )
+    return ValueError(msg)
+
+
+def check_layer_order(layer_order: LayerOrder, where: str) -> None:
+    """Type check of ``layer_order`` at construction (the paths are checked at ``init``)."""
+    if layer_order is None:
+        return
+    if isinstance(layer_order, str) or not isinstance(layer_order, Iterable):
+        raise TypeError(
+            f"`{where}(layer_order=...)` must be a sequence of layer paths; got {layer_order!r}."
+        )
+    bad = [p for p in layer_order if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"`{where}(layer_order=...)` must hold path strings; got {bad[:3]}.")
+
+
+# A path part that Flax or a Python list numbered: ``Dense_3``, ``layers_12``, ``12``.
+_NUMBERED_PART = re.compile(r"^(?:.*_)?\d+$")
+
+
+def natural_order_is_forward(paths: Iterable[str]) -> bool:
+    """Whether the natural sort of layer ``paths`` is known to be their forward order.
+
+    True only when every path differs from the others by the integer suffixes of
+    auto-numbered parts (``Dense_0 … Dense_11``, ``layers_2/Dense_0``, list indices): Flax
+    numbers such modules in creation order, which for sequential code is the forward order.
+    Names chosen by hand (``stem``, ``head``, ``conv1``) or several module types (``Conv_k``
+    and ``Dense_k``) say nothing about the forward order.
+
+    Examples:
+      >>> natural_order_is_forward(["Dense_10/kernel", "Dense_2/kernel"])
+      True
+      >>> natural_order_is_forward(["stem/kernel", "head/kernel", "ResBlock_0/conv1/kernel"])
+      False
+    """
+    template = lambda path: tuple(
+        re.sub(r"\d+$", "#", part) if _NUMBERED_PART.match(part) else part
+        for part in path.split("/")
+    )
+    return len({template(p) for p in paths}) <= 1
 
 
 def resolve_layer_order(
-    params: Any, layering: Layering, layer_order: LayerOrder = None
+    params: Any,
+    layering: Layering,
+    layer_order: LayerOrder = None,
+    where: str = "init",
+    *,
+    need_order: bool = True,
 ) -> tuple[str, ...]:
     """Validated forward order of the layer leaves of ``params``.
 
-    With ``layer_order=None`` the natural sort of the paths is used (see :func:`natural_key`).
-    A given order must name every layer leaf exactly once, and nothing else.
+    With ``layer_order=None`` the natural sort of the paths (see :func:`natural_key`) is used,
+    but when ``need_order`` (a non-zero α ranks the layers) only if
+    :func:`natural_order_is_forward`; otherwise a ValueError asks for
+    :func:`forward_order`. A given order must name every layer leaf exactly once, and
+    nothing else.
     """
     paths = layering.layer_paths(params)
+    if not jax.tree.leaves(params):
+        return ()  # an empty tree (``optax.masked(tx, {})``, an unused partition label)
     if not paths:
-        raise ValueError(
-            "No layer found in params: no leaf matches `is_layer` (default: leaves named "
-            f"{'/'.join(LAYER_NAMES)} or with ndim >= 2). Pass `is_layer=` to choose them."
-        )
+        raise no_layer_error(params, where)
     if layer_order is None:
+        if need_order and not natural_order_is_forward(paths):
+            raise ValueError(
+                "`layer_order` is needed: a non-zero `alpha` ranks the layers by depth, and the "
+                "natural sort of these layer paths is not known to be their forward order "
+                "(they are not all auto-numbered siblings like Dense_0 … Dense_k): "
+                f"{list(natural_order(paths))[:8]}. Pass `layer_order=forward_order(apply_fn, "
+                "params, example_input)` (traced from the model) or the paths in forward order."
+            )
         return natural_order(paths)
     if isinstance(layer_order, str) or not isinstance(layer_order, Iterable):
         raise TypeError(f"`layer_order` must be a sequence of layer paths; got {layer_order!r}.")
@@ -475,33 +678,182 @@ def resolve_layer_order(
     return order
 
 
-def layer_depths(params: Any, layering: Layering, layer_order: LayerOrder = None):
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Layer leaves that hold the blocks of one ``nn.scan``/``nnx.vmap`` (static).
+
+    Attributes:
+      root: path of the scanned module (``""``: the whole tree).
+      axis: the stack axis of every leaf.
+      length: number of blocks.
+      paths: the leaves, in layer order (the forward order inside a block).
+    """
+
+    root: str
+    axis: int
+    length: int
+    paths: tuple[str, ...]
+
+
+def layer_stacks(params: Any, layering: Layering, order: Sequence[str]) -> tuple[Stack, ...]:
+    """The stacks of ``params``: stacked layer leaves grouped by scanned module.
+
+    Two stacked leaves share a stack when they have the same stack axis and length and the
+    same *scan root*: the module named by a ``layer_axis={module: axis}`` key; the whole
+    tree for an int ``layer_axis``; otherwise the highest module all of whose leaves (biases
+    and norm scales included) have that length along that axis, which is what ``nn.scan``
+    and ``nnx.vmap`` make of the scanned module and no unstacked sibling shares.
+    """
+    leaves = {path_str(p): x for p, x in jtu.tree_flatten_with_path(params)[0]}
+    layouts = {lo.path: lo for lo in layering.layouts(params)}
+    cache: dict[tuple[int, int], set[str]] = {}
+
+    def unstacked_modules(axis: int, n: int) -> set[str]:
+        """Modules holding a leaf that is not a stack of ``n`` along ``axis`` (one pass)."""
+        if (axis, n) not in cache:
+            bad = set()
+            for path, x in leaves.items():
+                lo, shape = layouts[path], shape_of(x)
+                stacked = len(shape) > axis and shape[axis] == n
+                if not stacked or (lo.is_layer and lo.stack_axis != axis):
+                    parts = path.split("/")
+                    bad.update("/".join(parts[:i]) for i in range(len(parts)))
+            cache[(axis, n)] = bad
+        return cache[(axis, n)]
+
+    def root_of(path: str, axis: int, n: int) -> str:
+        explicit = layering.scan_root(path)
+        if explicit is not None:
+            return explicit
+        if isinstance(layering.layer_axis, int):
+            return ""
+        parts, bad = path.split("/"), unstacked_modules(axis, n)
+        roots = ("/".join(parts[:i]) for i in range(len(parts)))
+        return next((r for r in roots if r not in bad), path)
+
+    groups: dict[tuple[str, int, int], list[str]] = {}
+    for path in order:
+        lo = layouts[path]
+        if lo.stack_axis is not None:
+            n = int(shape_of(leaves[path])[lo.stack_axis])
+            groups.setdefault((root_of(path, lo.stack_axis, n), lo.stack_axis, n), []).append(path)
+    return tuple(Stack(r, a, n, tuple(ps)) for (r, a, n), ps in groups.items())
+
+
+def layer_depths(
+    params: Any,
+    layering: Layering,
+    layer_order: LayerOrder = None,
+    where: str = "init",
+    *,
+    need_order: bool = True,
+):
     """Depth index ``l`` (0 = first layer) of every leaf, and the number of layers ``L``.
 
     Returns ``(depth, L)``: ``depth`` is a pytree like ``params`` of int32 arrays that
     broadcast against their leaf (-1 for non-layer leaves; a vector along the stack axis for
-    stacked layers, whose slices take consecutive depths).
+    stacked layers). The blocks of a stack (:func:`layer_stacks`) take depths block by block,
+    in forward order inside the block: with ``attn`` and ``mlp`` kernels stacked over 3 blocks
+    after an embedding, ``embed 0, attn 1 3 5, mlp 2 4 6``, head 7. The leaves of a stack
+    must therefore be consecutive in the layer order (as :func:`forward_order` gives them).
+    ``need_order``: see :func:`resolve_layer_order`.
     """
-    order = resolve_layer_order(params, layering, layer_order)
-    shapes = {lo.path: (lo, shape_of(x)) for lo, x in zip(
-        layering.layouts(params), jax.tree.leaves(params))}
-    start, total = {}, 0
-    for path in order:
-        lo, shape = shapes[path]
-        start[path] = total
-        total += lo.num_stacked(shape)
+    order = resolve_layer_order(params, layering, layer_order, where, need_order=need_order)
+    stack_of = {p: st for st in layer_stacks(params, layering, order) for p in st.paths}
+    first: dict[str, tuple[int, int]] = {}  # path -> (depth of block 0, depth stride)
+    total = 0
+    for i, path in enumerate(order):
+        st = stack_of.get(path)
+        if st is None:
+            first[path], total = (total, 1), total + 1
+        elif path == st.paths[0]:
+            between = [p for p in order[i:i + len(st.paths)] if p not in st.paths]
+            if between:
+                raise ValueError(
+                    f"The stacked layers {list(st.paths)} ({st.length} blocks under "
+                    f"{st.root or 'the root'!r}) must be consecutive in `layer_order` (one block "
+                    f"in forward order); {between[0]!r} comes between them."
+                )
+            for j, q in enumerate(st.paths):
+                first[q] = (total + j, len(st.paths))
+            total += st.length * len(st.paths)
 
     def depth(lo: LeafLayout, x):
         if not lo.is_layer:
             return jnp.asarray(-1, jnp.int32)
+        start, stride = first[lo.path]
         if lo.stack_axis is None:
-            return jnp.asarray(start[lo.path], jnp.int32)
+            return jnp.asarray(start, jnp.int32)
         n = shape_of(x)[lo.stack_axis]
         shape = [1] * len(shape_of(x))
         shape[lo.stack_axis] = n
-        return jnp.arange(start[lo.path], start[lo.path] + n, dtype=jnp.int32).reshape(shape)
+        return (start + stride * jnp.arange(n, dtype=jnp.int32)).reshape(shape)
 
     return layering.map(depth, params), total
+
+
+def tensor_layouts(tree: Any, layering: Layering) -> dict[str, LeafLayout]:
+    """``{path: layout}`` treating every leaf as one tensor, for non-layer policies.
+
+    Layer leaves keep their layout. A non-layer leaf (bias, norm scale) is reduced whole, or
+    per block when it lies under the scan root of a stack (:func:`layer_stacks`) with the
+    stack's length along its axis (the bias of an ``nn.scan``-ed block). Used where non-layer
+    leaves are normalised like layers, as the authors' LARS does.
+    """
+    flat = jtu.tree_flatten_with_path(tree)[0]
+    layouts = layering.layouts(tree)
+    stacks = sorted(layer_stacks(tree, layering, layering.layer_paths(tree)),
+                    key=lambda st: -len(st.root))
+    out = {}
+    for lo, (_, x) in zip(layouts, flat):
+        if lo.is_layer:
+            out[lo.path] = lo
+            continue
+        shape, path = shape_of(x), lo.path
+        st = next((st for st in stacks
+                   if (not st.root or path.startswith(st.root + "/"))
+                   and len(shape) > st.axis and shape[st.axis] == st.length), None)
+        axis = None if st is None else st.axis
+        out[lo.path] = LeafLayout(lo.path, False, axis, tuple(a for a in range(len(shape))
+                                                               if a != axis))
+    return out
+
+
+def module_layer_depths(params: Any, layering: Layering, depth: Any) -> Any:
+    """``depth`` with each non-layer leaf given the depth of the layer of its module.
+
+    A bias ``Dense_3/bias`` takes the depth of ``Dense_3/kernel``, as the authors' SGD and
+    LARS give every weight of a Keras layer that layer's multiplier (a module holding several
+    layers lends the first in ``jax.tree`` order); a leaf whose module has no layer (a norm's
+    scale) keeps -1. Under a stack the bias takes the per-block depths.
+    """
+    flat = jtu.tree_flatten_with_path(params)[0]
+    layouts = layering.layouts(params)
+    depths = jax.tree.leaves(depth)
+    owner: dict[str, tuple[LeafLayout, Any]] = {}
+    for lo, d in zip(layouts, depths):
+        if lo.is_layer:
+            owner.setdefault(module_path(lo.path), (lo, d))
+    out = []
+    for lo, (_, x), d in zip(layouts, flat, depths):
+        if lo.is_layer or module_path(lo.path) not in owner:
+            out.append(d)
+            continue
+        kernel, kd = owner[module_path(lo.path)]
+        if kernel.stack_axis is None:
+            out.append(jnp.copy(kd))  # its own buffer: a state sharing one cannot be donated
+            continue
+        shape, n = shape_of(x), np.size(kd)
+        if len(shape) <= kernel.stack_axis or shape[kernel.stack_axis] != n:
+            raise ValueError(
+                f"Leaf {lo.path!r} (shape {shape}) sits beside the stacked layer "
+                f"{kernel.path!r} ({n} blocks along axis {kernel.stack_axis}) but is not "
+                "stacked along that axis: its layer's multiplier is ambiguous."
+            )
+        target = [1] * len(shape)
+        target[kernel.stack_axis] = n
+        out.append(jnp.reshape(kd, target))
+    return jax.tree.unflatten(jax.tree.structure(depth), out)
 
 
 # ----------------------------------------------------------------------------- forward order
@@ -611,7 +963,22 @@ def forward_order(
     _first_uses(jaxpr, env, order, set())
     layers = set(layering.layer_paths(params))
     if not layers:
-        raise ValueError("`forward_order`: no layer found in params (check `is_layer`).")
+        raise no_layer_error(params, "forward_order")
     ordered = [p for p in order if p in layers]
     unused = natural_order(layers - set(ordered))
     return tuple(ordered) + unused
+
+
+def module_path(path: str) -> str:
+    """The module a parameter leaf belongs to: its parent path (a top-level leaf is its own).
+
+    Loss Change Allocation sums a module's leaves (kernel, bias, norm scale) into one
+    "layer", the grouping of Lan et al. (2019, §4: "sum LCA over all parameters within each
+    layer").
+
+    Examples:
+      >>> module_path("Dense_0/kernel"), module_path("layers/0/linear/bias"), module_path("w")
+      ('Dense_0', 'layers/0/linear', 'w')
+    """
+    head, sep, _ = path.rpartition("/")
+    return head if sep else path

@@ -6,18 +6,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._base import is_concrete
+from ._base import (
+    check_bool,
+    check_learning_rate,
+    check_number,
+    guard_rate,
+    is_concrete,
+)
 from ._custom_types import IsLayer, LayerAxis, LayerOrder, ScalarOrSchedule
 from ._layca import (
     DEFAULT_PARALLEL_TOL,
+    NON_LAYER_POLICIES,
     cap_norm_increase,
+    check_layering_args,
+    check_min_step_norm,
     check_non_layer,
     project_orthogonal,
     project_to_initial_norm,
     scale_by_layca,
     scale_to_weight_norm,
 )
-from ._layers import Layering
+from ._layers import Layering, check_layer_order, check_like_init, check_params
 from ._multipliers import check_alpha, scale_by_layer_multipliers
 
 BASE_SIGN_MSG = (
@@ -55,14 +64,39 @@ def _check_base_direction(base: optax.GradientTransformation) -> optax.GradientT
 
 
 def base_direction(base: optax.GradientTransformation | None, check_base: bool):
-    """``base`` as a direction transform (identity for None), probed for the sign error."""
+    """``base`` as a direction transform (identity for None), probed for the sign error.
+
+    A plain ``GradientTransformation`` is wrapped with ``optax.with_extra_args_support``, so
+    extra ``update`` arguments (``value=``, ``grad=`` from optimistix or
+    ``reduce_on_plateau``) reach it harmlessly.
+    """
+    check_bool(check_base, "check_base")
     if base is None:
         return optax.identity()
     if not isinstance(base, optax.GradientTransformation):
         raise TypeError(
             f"`base` must be an optax.GradientTransformation giving a step direction; got {base!r}."
         )
+    base = optax.with_extra_args_support(base)
     return _check_base_direction(base) if check_base else base
+
+
+def guard_chain(
+    tx: optax.GradientTransformation, where: str, layering: Layering, index: int
+) -> optax.GradientTransformationExtraArgs:
+    """``tx`` (an ``optax.chain``) checking ``updates``/``params`` before any link runs.
+
+    The check reads the per-layer state of link ``index`` (an ``initial_norm`` built at
+    ``init``), so a tree changed since ``init`` is reported by name before ``base`` (whose
+    own tree errors name no leaf) sees it. The state is ``tx``'s, unchanged.
+    """
+
+    def update_fn(updates, state, params=None, **extra_args):
+        check_params(updates, params)
+        check_like_init(updates, state[index].initial_norm, layering, where)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _non_layer_mask(layering: Layering):
@@ -82,15 +116,20 @@ def layca(
     alpha: ScalarOrSchedule = 0.0,
     layer_order: LayerOrder = None,
     *,
-    non_layer: str = "base",
+    non_layer: str = "freeze",
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
     parallel_tol: float = DEFAULT_PARALLEL_TOL,
+    min_step_norm: float = 0.0,
     fused: bool = True,
     check_base: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Layca: layer-level control of the amount of weight rotation per step.
+
+    Trains the layers (kernels) only: biases and norm parameters keep their initial values,
+    as in the authors' code ("only kernels are optimized"; ``non_layer="freeze"``, the
+    default). ``non_layer="base"`` trains them with the plain ``-η(t)·base`` step instead.
 
     Each layer ``l`` (in forward order) rotates by exactly ``arctan(ρ_l(t))`` per step, with
     ``ρ_l(t) = m_l(α) η(t)`` (Eq. 1), in the direction given by ``base``, and keeps its initial
@@ -112,18 +151,32 @@ def layca(
 
     Only the direction of ``base`` matters: its learning rate and bias correction cancel in op 2.
 
+    .. note::
+      The authors' Adam is Keras's: ``ε = 1e-7`` added to the *un*-corrected ``√v_t``, i.e.
+      ``m̂_t / (√v̂_t + ε/√(1 - β₂ᵗ))``; ``optax.scale_by_adam()`` adds ``1e-8`` to the corrected
+      ``√v̂_t``, a direction about 0.5% apart after 20 steps. The Keras direction is one line of
+      optax (see the second example); with ``min_step_norm=1e-7, parallel_tol=0.0`` the
+      steps are the authors' own. Their SGD keeps the learning rate inside its momentum
+      buffer (``v ← m v - η g``): ``base=optax.chain(optax.scale_by_schedule(η),
+      optax.trace(m))`` reproduces it where ``η`` changes (constant ``η`` cancels).
+
     Args:
-      learning_rate: global rate ``η(t)`` (float or optax schedule).
+      learning_rate: global rate ``η(t) >= 0`` (float or optax schedule, checked at step 0; a
+        negative or NaN rate that cannot be checked early gives NaN updates, never an ascent).
       base: step direction transform (None: the raw gradient, i.e. SGD).
       alpha: Eq. 1 prioritisation in ``[-1, 1]`` or a schedule; 0: uniform rates.
-      layer_order: layer paths in forward order (see :func:`forward_order`); None: natural
-        sort of the paths.
-      non_layer: biases and norm scales: ``"base"`` (updated by ``-η(t)·base``) or
-        ``"freeze"``.
+      layer_order: layer paths in forward order (see :func:`forward_order`); None: the
+        natural sort of the paths where it is known to be the forward order (auto-numbered
+        ``Name_k`` siblings), otherwise a non-zero ``alpha`` raises.
+      non_layer: biases and norm scales: ``"freeze"`` (keep their initial values, the
+        authors') or ``"base"`` (updated by ``-η(t)·base``).
       is_layer: which leaves are layers (callable ``(path, leaf) -> bool`` or list of paths).
       layer_axis: stack axis of leaves holding several layers (``nn.scan``).
       per_unit: rotate each output unit separately (Nero-like).
-      parallel_tol: steps this close to parallel to ``w`` (relative) are dropped.
+      parallel_tol: steps this close to parallel to ``w`` (relative, in ``[0, 1)``) are
+        dropped.
+      min_step_norm: layers whose lr-scaled projected step ``ρ_l‖s_⊥‖`` is at most this do
+        not move (the authors' guard: 1e-7; default 0, off). Fused form only.
       fused: one reduction pass per layer (:func:`scale_by_layca`); False gives the explicit
         chain of the four operations (same numbers to float tolerance).
       check_base: probe ``base`` at ``init`` for the sign error above.
@@ -133,10 +186,12 @@ def layca(
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
-      >>> params = {"Dense_0": {"kernel": jnp.array([[1.0, 0.0], [0.0, 1.0]])}}
+      >>> params = {"Dense_0": {"kernel": jnp.array([[1.0, 0.0], [0.0, 1.0]]),
+      ...                       "bias": jnp.zeros(2)}}
       >>> tx = layca(learning_rate=0.1, base=optax.scale_by_adam())
       >>> state = tx.init(params)
-      >>> grads = {"Dense_0": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]])}}
+      >>> grads = {"Dense_0": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]),
+      ...                      "bias": jnp.ones(2)}}
       >>> updates, state = tx.update(grads, state, params)
       >>> new = optax.apply_updates(params, updates)
       >>> w0, w1 = params["Dense_0"]["kernel"].ravel(), new["Dense_0"]["kernel"].ravel()
@@ -145,30 +200,56 @@ def layca(
       0.0997
       >>> round(float(jnp.arctan(0.1)), 4)
       0.0997
+      >>> new["Dense_0"]["bias"].tolist()  # frozen, as in the authors' code
+      [0.0, 0.0]
+
+      The authors' (Keras) Adam direction, with their step guard:
+
+      >>> b2 = 0.999
+      >>> keras_adam = optax.inject_hyperparams(optax.scale_by_adam)(
+      ...     b1=0.9, b2=b2, eps=lambda t: 1e-7 / jnp.sqrt(1 - b2 ** (t + 1)))
+      >>> tx = layca(0.1, base=keras_adam, min_step_norm=1e-7, parallel_tol=0.0)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
 
     References:
       Carbonnelle & De Vleeschouwer, `An experimental study of layer-level training speed and
-      its impact on generalization`, 2019, Algorithm 1, Eq. 1.
+      its impact on generalization`, 2019, Algorithm 1, Eq. 1, footnote 2 (biases left for
+      future work).
     """
+    check_learning_rate(learning_rate, "layca(learning_rate=...)")
     check_alpha(alpha, "layca(alpha=...)")
+    check_layer_order(layer_order, "layca")
     check_non_layer(non_layer, "layca")
+    check_layering_args("layca", parallel_tol)
+    check_bool(fused, "layca(fused=...)")
+    check_min_step_norm(min_step_norm, "layca")
+    if not fused and is_concrete(min_step_norm) and float(min_step_norm) != 0:
+        raise ValueError(
+            "`layca(min_step_norm=...)` needs the fused form (`fused=True`): the chained ops "
+            "normalise the step before the learning rate is known."
+        )
     layering = Layering(is_layer, layer_axis, per_unit)
     kw = dict(is_layer=is_layer, layer_axis=layer_axis, per_unit=per_unit)
     if fused:
-        return optax.chain(
+        tx = optax.chain(
             base_direction(base, check_base),
             scale_by_layca(learning_rate, alpha, layer_order, non_layer=non_layer,
-                           parallel_tol=parallel_tol, **kw),
+                           parallel_tol=parallel_tol, min_step_norm=min_step_norm, **kw),
         )
-    return optax.chain(
+        return guard_chain(tx, "layca", layering, 1)
+    tx = optax.chain(
         base_direction(base, check_base),
         project_orthogonal(parallel_tol=parallel_tol, **kw),
         scale_to_weight_norm(**kw),
         scale_by_layer_multipliers(alpha, layer_order, is_layer=is_layer, layer_axis=layer_axis),
-        optax.scale_by_learning_rate(learning_rate),
+        optax.scale_by_learning_rate(guard_rate(learning_rate)),
         project_to_initial_norm(**kw),
         _freeze_non_layers(layering, non_layer),
     )
+    return guard_chain(tx, "layca", layering, 5)
+
+
+LARS_NON_LAYER_POLICIES = ("normalize", *NON_LAYER_POLICIES)
 
 
 def lars(
@@ -178,13 +259,19 @@ def lars(
     layer_order: LayerOrder = None,
     max_norm_increase: float = 1e-4,
     *,
-    non_layer: str = "base",
+    non_layer: str = "normalize",
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
     per_unit: bool = False,
     check_base: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The papers' LARS variant: Layca without ops 1 and 4, with a cap on norm growth.
+
+    Normalises *every* tensor, biases and norm parameters included, as the authors' code does
+    (``non_layer="normalize"``, the default: each bias or scale takes a step of its own norm,
+    capped against its own initial norm, and the multiplier of its module's layer; a zero
+    tensor, e.g. a zero-initialised bias, stays 0). ``non_layer="base"`` gives non-layer
+    leaves the plain ``-η(t)·base`` step, ``"freeze"`` keeps them.
 
     .. math::
       \begin{align*}
@@ -204,17 +291,23 @@ def lars(
       momentum comes from ``base`` before the normalisation, and norm growth per step is
       capped relative to the initial norm, as in the authors' code (App. A.2, footnote 7).
 
+    .. note::
+      The authors start LARS from kernels scaled by 1/4 ("the weights increase a lot during
+      training"); the cap's ``‖w⁰‖`` is that of the scaled kernels. Scale them before
+      ``init`` (third example). Their LARS also zeroes NaN step entries; here a NaN stays NaN.
+
     Args:
       learning_rate: global rate (float or optax schedule).
-      base: step direction (None: SGD). Same sign convention as :func:`layca`.
+      base: step direction (None: SGD, the authors' LARS momentum of 0). Same sign
+        convention as :func:`layca`.
       alpha: Eq. 1 prioritisation.
       layer_order: forward order of layer paths.
       max_norm_increase: ``δ``.
-      non_layer: ``"base"`` or ``"freeze"``.
+      non_layer: ``"normalize"`` (the authors'), ``"base"`` or ``"freeze"``.
       is_layer, layer_axis, per_unit, check_base: as in :func:`layca`.
 
     Examples:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> params = {"kernel": jnp.array([[1.0, 0.0]])}
       >>> tx = lars(learning_rate=0.1)
       >>> u, _ = tx.update({"kernel": jnp.array([[0.0, -1.0]])}, tx.init(params), params)
@@ -222,22 +315,46 @@ def lars(
       >>> round(float(jnp.linalg.norm(new)), 6)  # growth capped at 1e-4 * ||w0||
       1.0001
 
+      Biases are normalised too; a zero bias stays 0:
+
+      >>> p = {"Dense_0": {"kernel": jnp.eye(2), "bias": jnp.zeros(2)},
+      ...      "BatchNorm_0": {"scale": jnp.ones(2)}}
+      >>> g = jax.tree.map(lambda x: jnp.full(x.shape, 0.5), p)
+      >>> u, _ = lars(0.1).update(g, lars(0.1).init(p), p)
+      >>> u["Dense_0"]["bias"].tolist(), round(float(jnp.linalg.norm(u["BatchNorm_0"]["scale"])), 4)
+      ([0.0, 0.0], 0.1414)
+
+      The authors' initialisation for LARS, kernels scaled by 1/4:
+
+      >>> from optax_layca import default_is_layer, path_str
+      >>> quarter = jax.tree_util.tree_map_with_path(
+      ...     lambda k, w: w / 4 if default_is_layer(path_str(k), w) else w, p)
+      >>> quarter["Dense_0"]["kernel"][0, 0].item(), quarter["BatchNorm_0"]["scale"][0].item()
+      (0.25, 1.0)
+
     References:
-      Carbonnelle & De Vleeschouwer, 2019, App. A.2; You et al., `Large Batch Training of
-      Convolutional Networks <https://arxiv.org/abs/1708.03888>`_, 2017.
+      Carbonnelle & De Vleeschouwer, `An experimental study of layer-level training speed and
+      its impact on generalization`, 2019, App. A.2 and footnote 7; You et al., `Large Batch
+      Training of Convolutional Networks <https://arxiv.org/abs/1708.03888>`_, 2017.
     """
+    check_learning_rate(learning_rate, "lars(learning_rate=...)")
     check_alpha(alpha, "lars(alpha=...)")
-    check_non_layer(non_layer, "lars")
+    check_layer_order(layer_order, "lars")
+    check_number(max_norm_increase, "lars(max_norm_increase=...)", low=0.0)
+    check_non_layer(non_layer, "lars", LARS_NON_LAYER_POLICIES)
     layering = Layering(is_layer, layer_axis, per_unit)
     kw = dict(is_layer=is_layer, layer_axis=layer_axis, per_unit=per_unit)
-    return optax.chain(
+    tensors = "normalize" if non_layer == "normalize" else "pass"
+    tx = optax.chain(
         base_direction(base, check_base),
-        scale_to_weight_norm(**kw),
-        scale_by_layer_multipliers(alpha, layer_order, is_layer=is_layer, layer_axis=layer_axis),
-        optax.scale_by_learning_rate(learning_rate),
-        cap_norm_increase(max_norm_increase, **kw),
+        scale_to_weight_norm(non_layer=tensors, **kw),
+        scale_by_layer_multipliers(alpha, layer_order, is_layer=is_layer, layer_axis=layer_axis,
+                                   non_layer="module" if tensors == "normalize" else "pass"),
+        optax.scale_by_learning_rate(guard_rate(learning_rate)),
+        cap_norm_increase(max_norm_increase, non_layer=tensors, **kw),
         _freeze_non_layers(layering, non_layer),
     )
+    return guard_chain(tx, "lars", layering, 4)
 
 
 def sgd_amom(
@@ -261,8 +378,9 @@ def sgd_amom(
     References:
       Carbonnelle & De Vleeschouwer, 2019, App. B.4.
     """
-    if is_concrete(momentum) and not 0.0 <= float(momentum) < 1.0:
-        raise ValueError(f"`sgd_amom(momentum=...)` must lie in [0, 1); got {momentum}.")
+    check_learning_rate(learning_rate, "sgd_amom(learning_rate=...)")
+    check_number(momentum, "sgd_amom(momentum=...)", low=0.0, high=1.0, high_open=True)
     return optax.chain(
-        optax.ema(momentum, debias=False), optax.scale_by_learning_rate(learning_rate)
+        optax.ema(momentum, debias=False),
+        optax.scale_by_learning_rate(guard_rate(learning_rate)),
     )

@@ -1,8 +1,8 @@
-"""Test helpers: tree asserts, a numpy MLP, and slow numpy transcriptions of the papers' maths.
+"""Test helpers: tree asserts, the one MLP builder, and slow numpy transcriptions of the maths.
 
-Everything below is written from the paper (seed 000: Algorithm 1, Eq. 1, App. A.2) in float64
-numpy, one layer at a time, without importing ``optax_layca``: it is the independent reference
-the library is checked against.
+The references are written from the paper (Carbonnelle & De Vleeschouwer, 2019: Algorithm 1,
+Eq. 1, App. A.2) in float64 numpy, one layer at a time, without importing ``optax_layca``:
+they are the independent reference the library is checked against.
 """
 
 from __future__ import annotations
@@ -80,16 +80,34 @@ def natural(paths):
 # ----------------------------------------------------------------------------- numpy MLP
 
 
-def init_mlp(sizes, seed=0, dtype=np.float32):
-    """Params ``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}`` (Flax layout)."""
+def init_mlp(sizes, seed=0, dtype=np.float32, bias_scale=0.1):
+    """Params ``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}`` (Flax layout, LeCun
+    normal kernels, ``bias_scale``-normal biases), numpy arrays of ``dtype``.
+
+    The one MLP builder of the tests: every file takes its params from here.
+    """
     rng = np.random.default_rng(seed)
     params = {}
     for i, (m, n) in enumerate(itertools.pairwise(sizes)):
         params[f"Dense_{i}"] = {
             "kernel": (rng.standard_normal((m, n)) / np.sqrt(m)).astype(dtype),
-            "bias": (0.1 * rng.standard_normal(n)).astype(dtype),
+            "bias": (bias_scale * rng.standard_normal(n)).astype(dtype),
         }
     return params
+
+
+def mlp_apply(params, x, activation=None):
+    """Forward pass of :func:`init_mlp` params (jax): ``activation`` (tanh) between layers."""
+    import jax.numpy as jnp
+
+    act = jnp.tanh if activation is None else activation
+    h = x
+    n = len(params)
+    for i in range(n):
+        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+        if i < n - 1:
+            h = act(h)
+    return h
 
 
 def mlp_data(sizes, n=32, seed=1):
@@ -127,22 +145,50 @@ def mlp_grad_np(params, x, y):
 
 
 def mlp_loss_jax(params, x, y):
+    """:func:`mlp_loss_np` in jax."""
     import jax.numpy as jnp
 
-    h = x
-    n = len(params)
-    for i in range(n):
-        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-        if i < n - 1:
-            h = jnp.tanh(h)
-    return 0.5 * jnp.mean(jnp.sum((h - y) ** 2, axis=1))
+    return 0.5 * jnp.mean(jnp.sum((mlp_apply(params, x) - y) ** 2, axis=1))
+
+
+def mlp_xent_jax(params, x, labels, activation=None):
+    """Softmax cross-entropy of the MLP's logits against integer ``labels`` (jax)."""
+    import jax.numpy as jnp
+    import optax
+
+    logits = mlp_apply(params, x, activation).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def mlp_class_data(sizes, n=16, seed=1):
+    """``(x float32 (n, d), integer labels (n,))`` for :func:`mlp_xent_jax`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    return x, rng.integers(0, sizes[-1], n)
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def subtree(tree, keep):
+    """The nested-dict ``tree`` restricted to the leaves whose path is in ``keep``."""
+    out = {}
+    for path, x in jtu.tree_flatten_with_path(tree)[0]:
+        key = keystr(path)
+        if key in keep:
+            *parents, leaf = key.split("/")
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = x
+    return out
 
 
 # ----------------------------------------------------------------------------- Eq. 1
 
 
 def eq1_multiplier(alpha: float, l: int, L: int) -> float:
-    """Seed 000, Eq. 1, written out (L = 1: multiplier 1)."""
+    """Carbonnelle & De Vleeschouwer (2019), Eq. 1, written out (L = 1: multiplier 1)."""
     if L == 1:
         return 1.0
     if alpha > 0:
@@ -189,7 +235,7 @@ class NumpyAdam:
 
 
 def layca_step_np(w, s, w0_norm, rho):
-    """One Layca step of one layer (seed 000, Algorithm 1), float64.
+    """One Layca step of one layer (Carbonnelle & De Vleeschouwer, 2019, Algorithm 1), float64.
 
     ``s`` is the optimizer's step in gradient convention (the update is ``-rho * s``).
     """
@@ -217,16 +263,23 @@ class Reference:
     """Layca (or the LARS variant) on an MLP-shaped params dict, one step at a time (float64).
 
     Layers are the kernels ``Dense_i/kernel`` in index order; ``‖w⁰‖`` is taken from
-    ``params0``. Biases follow ``non_layer`` (``"base"``: ``w -= lr * s``; ``"freeze"``: kept).
+    ``params0``. Biases follow ``non_layer`` (``"base"``: ``w -= lr * s``; ``"freeze"``: kept;
+    ``"normalize"``: the LARS step of their own norm at their layer's rate; default: the
+    library's, ``"freeze"`` for Layca and ``"normalize"`` for LARS, as in the authors' code).
     ``step(params, grads)`` may be fed any params (e.g. the library's, to check one step).
     """
 
     def __init__(
-        self, params0, lr, alpha=0.0, direction="sgd", variant="layca", non_layer="base", lr_at=None
+        self, params0, lr, alpha=0.0, direction="sgd", variant="layca", non_layer=None, lr_at=None
     ):
+        if non_layer is None:
+            non_layer = "freeze" if variant == "layca" else "normalize"
         self.names = sorted(params0, key=lambda k: int(k.split("_")[1]))
         self.w0 = {
             k: np.linalg.norm(np.asarray(params0[k]["kernel"], np.float64)) for k in self.names
+        }
+        self.b0 = {
+            k: np.linalg.norm(np.asarray(params0[k]["bias"], np.float64)) for k in self.names
         }
         self.opt = NumpyAdam() if direction == "adam" else NumpySGD()
         self.lr, self.alpha, self.variant, self.non_layer = lr, alpha, variant, non_layer
@@ -244,7 +297,11 @@ class Reference:
             rho = eq1_multiplier(self.alpha, l, L) * eta
             fn = layca_step_np if self.variant == "layca" else lars_step_np
             kernel = fn(p[k]["kernel"], s[k]["kernel"], self.w0[k], rho)
-            bias = p[k]["bias"] - eta * s[k]["bias"] if self.non_layer == "base" else p[k]["bias"]
+            bias = p[k]["bias"]
+            if self.non_layer == "base":
+                bias = bias - eta * s[k]["bias"]
+            elif self.non_layer == "normalize":
+                bias = lars_step_np(bias, s[k]["bias"], self.b0[k], rho)
             new[k] = {"kernel": kernel, "bias": bias}
         return new
 
@@ -257,7 +314,7 @@ def reference_run(
     alpha=0.0,
     direction="sgd",
     variant="layca",
-    non_layer="base",
+    non_layer=None,
     lr_at=None,
 ):
     """``steps`` free-running steps of :class:`Reference`; returns params after every step
@@ -273,3 +330,57 @@ def reference_run(
 
 def to_jax(params):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def nnx_mlp(sizes, names, seed=0):
+    """A flax.nnx MLP (tanh between layers) whose ``nnx.Linear`` layers are the attributes
+    ``names``, in forward order (names that sort against it test the forward order)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            for name, (m, n) in zip(names, itertools.pairwise(sizes)):
+                setattr(self, name, nnx.Linear(m, n, rngs=rngs))
+
+        def __call__(self, x):
+            for i, name in enumerate(names):
+                x = getattr(self, name)(x)
+                x = jnp.tanh(x) if i < len(names) - 1 else x
+            return x
+
+    return MLP(nnx.Rngs(seed))
+
+
+# ----------------------------------------------------------------------------- a small LCA run
+
+
+def small_lca_run(steps=3, iterations=(10, 11, 12)):
+    """LCA of ``steps`` SGD steps of a 4-6-3 tanh classifier on 40 examples (with labels):
+    ``(list of LCAResult, LCAHistory)``, for tests that consume LCA results."""
+    import jax.numpy as jnp
+    import optax
+
+    from optax_layca import lca
+
+    params = jax.tree.map(jnp.asarray, init_mlp((4, 6, 3), seed=2))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 40).astype(np.int32)
+
+    def loss_fn(p, batch):
+        xb, yb = batch
+        h = jnp.tanh(xb @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+
+    opt = optax.sgd(0.3)
+    state, traj = opt.init(params), [params]
+    for _ in range(steps):
+        g = jax.grad(lambda q: jnp.mean(loss_fn(q, (x, y))))(traj[-1])
+        u, state = opt.update(g, state)
+        traj.append(optax.apply_updates(traj[-1], u))
+    results = [
+        lca.allocate(loss_fn, a, b, (x, y), batch_size=16, labels=y) for a, b in zip(traj, traj[1:])
+    ]
+    return results, lca.stack_results(results, iterations=list(iterations))

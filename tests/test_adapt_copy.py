@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _utils import init_mlp, mlp_xent_jax
 
 import optax_layca as ol
 from optax_layca import RotationHistory, adapt_copy, track_rotation
@@ -19,14 +20,7 @@ BATCH, STEPS_PER_EPOCH, EPOCHS = 16, 8, 5
 
 
 def init_params(seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(SIZES))
-    return {
-        f"Dense_{i}": {
-            "kernel": jax.random.normal(keys[i], (a, b)) / np.sqrt(a),
-            "bias": jnp.zeros(b),
-        }
-        for i, (a, b) in enumerate(itertools.pairwise(SIZES))
-    }
+    return init_mlp(SIZES, seed, bias_scale=0.0)
 
 
 def make_data():
@@ -36,13 +30,7 @@ def make_data():
     return x, y
 
 
-def loss(p, x, y):
-    h = x
-    for i in range(len(SIZES) - 1):
-        h = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
-        if i < len(SIZES) - 2:
-            h = jax.nn.relu(h)
-    return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+loss = functools.partial(mlp_xent_jax, activation=jax.nn.relu)
 
 
 def run(tx, every=1):
@@ -156,7 +144,7 @@ def test_matches_layca_at_constant_rate():
     table = {f"Dense_{i}/kernel": [np.arctan(rho)] for i in range(3)}
     copy = adapt_copy(table, non_layer_learning_rate=rho)
     a, _ = jax.jit(copy.update)(g, copy.init(params), params)
-    tx = ol.layca(rho)
+    tx = ol.layca(rho, non_layer="base")  # biases at rate ρ, as non_layer_learning_rate
     b, _ = jax.jit(tx.update)(g, tx.init(params), params)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-8)
@@ -182,10 +170,6 @@ def test_errors(adam_history):
         adapt_copy({"Dense_0/kernel": [2.0]})
     with pytest.raises(ValueError, match="same number of rows"):
         adapt_copy({"a": [0.1], "b": [0.1, 0.2]})
-    with pytest.raises(ValueError, match="target"):
-        adapt_copy(adam_history, target="loss")
-    with pytest.raises(ValueError, match="past_end"):
-        adapt_copy(adam_history, past_end="error")
     with pytest.raises(ValueError, match="steps_per_epoch"):
         adapt_copy(adam_history, steps_per_epoch=3)
     with pytest.raises(ValueError, match="empty"):

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_run_all_quick(tmp_path):
     env = dict(os.environ, OPTAX_LAYCA_BENCH_RESULTS=str(tmp_path), MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"],

@@ -1,35 +1,15 @@
 """Optimizer states round-trip through Orbax; an interrupted run resumes bit-identically."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from _utils import init_mlp, mlp_xent_jax
 
 import optax_layca as ol
 
-
-def mlp_params(key):
-    sizes = [8, 16, 16, 4]
-    keys = jax.random.split(key, len(sizes))
-    return {
-        f"Dense_{i}": {
-            "kernel": jax.random.normal(keys[i], (a, b)) / np.sqrt(a),
-            "bias": jnp.zeros(b),
-        }
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
-    }
-
-
-def loss_fn(params, x, y):
-    h = x
-    for i in range(3):
-        layer = params[f"Dense_{i}"]
-        h = h @ layer["kernel"] + layer["bias"]
-        if i < 2:
-            h = jnp.tanh(h)
-    return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+SIZES = (8, 16, 16, 4)
 
 
 def transforms():
@@ -64,12 +44,12 @@ def test_interrupted_run_resumes_bit_identically(name, tmp_path):
 
     @jax.jit
     def step(params, state, x, y):
-        grads = jax.grad(loss_fn)(params, x, y)
+        grads = jax.grad(mlp_xent_jax)(params, x, y)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     data = list(batches(10))
-    params = mlp_params(jax.random.key(0))
+    params = init_mlp(SIZES, seed=0)
     state = tx.init(params)
     reference = (params, state)
     for x, y in data:
@@ -84,7 +64,7 @@ def test_interrupted_run_resumes_bit_identically(name, tmp_path):
     checkpointer.wait_until_finished()
     del run
 
-    fresh_params = mlp_params(jax.random.key(123))  # different values, same structure
+    fresh_params = init_mlp(SIZES, seed=123)  # different values, same structure
     target = {"params": fresh_params, "opt_state": tx.init(fresh_params)}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = checkpointer.restore(tmp_path / "ckpt", abstract)

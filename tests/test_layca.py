@@ -1,4 +1,8 @@
-"""Layca, its four operations and the papers' LARS variant against the maths of seed 000.
+"""Layca, its four operations and the papers' LARS variant against the maths of the paper.
+
+Carbonnelle & De Vleeschouwer (2019), Algorithm 1, Eq. 1, App. A.2. Argument errors are in
+``test_reliability.py``; the generic optax contract (dtypes, strict promotion, wrappers, tree
+errors) in ``test_contract.py``.
 
 The reference is a float64 numpy transcription of Algorithm 1 / App. A.2 (``tests/_utils.py``)
 with hand-written backprop; the library runs in float32 under ``jax.jit``.
@@ -306,10 +310,6 @@ def test_cap_norm_increase_transform_alone():
     shrink = {"w": -0.5 * jnp.ones((3, 4)), "b": jnp.ones(4)}
     out, _ = tx.update(shrink, state, w0)
     np.testing.assert_array_equal(out["w"], shrink["w"])  # decreases are never capped
-    with pytest.raises(ValueError, match="max_increase"):
-        ol.cap_norm_increase(-1.0)
-    with pytest.raises(ValueError, match="max_increase"):
-        ol.lars(0.1, max_norm_increase=-1e-4)
 
 
 # ----------------------------------------------------------------------------- single ops
@@ -478,15 +478,10 @@ def test_zero_initial_norm(fused):
 
 @pytest.mark.parametrize(
     "make_tx",
-    [
-        lambda: ol.layca(0.05),
-        lambda: ol.layca(0.05, fused=False),
-        lambda: ol.lars(0.05),
-        lambda: ol.layca(0.05, base=optax.scale_by_adam()),
-    ],
-    ids=["fused", "chained", "lars", "fused-adam"],
+    [lambda: ol.layca(0.05), lambda: ol.layca(0.05, base=optax.scale_by_adam(), fused=False)],
+    ids=["fused", "chained-adam"],
 )
-def test_bf16_params_keep_dtype(make_tx):
+def test_bf16_params_keep_their_norm(make_tx):
     tx = make_tx()
     p = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), P0)
     s = tx.init(p)
@@ -508,139 +503,6 @@ def test_bf16_params_keep_dtype(make_tx):
     )
 
 
-def test_strict_dtype_promotion():
-    """Our transforms never rely on implicit promotion (float32 and bf16 params)."""
-    g = jax.grad(mlp_loss_jax)(P0, X, Y)
-    cases = [(jnp.float32, ol.layca(0.05, alpha=0.5, base=optax.trace(0.9)))] + [
-        (jnp.bfloat16, tx)
-        for tx in (
-            ol.layca(0.05, alpha=0.5),
-            ol.layca(0.05, alpha=-0.5, fused=False),
-            ol.lars(0.05, alpha=0.5),
-            ol.layca(0.05, per_unit=True),
-            ol.sgd_amom(0.1),
-        )
-    ]
-    for dtype, tx in cases:
-        p = jax.tree.map(lambda x, d=dtype: jnp.asarray(x, d), P0)
-        gd = jax.tree.map(lambda x, d=dtype: jnp.asarray(x, d), g)
-        with jax.numpy_dtype_promotion("strict"):
-            u, _ = tx.update(gd, tx.init(p), p)
-        assert_tree_dtypes(u, dtype)
-        assert_tree_finite(u)
-
-
-def test_nonfinite_gradient_is_left_to_apply_if_finite():
-    g = jax.tree.map(jnp.asarray, jax.grad(mlp_loss_jax)(P0, X, Y))
-    g["Dense_1"]["kernel"] = g["Dense_1"]["kernel"].at[0, 0].set(jnp.nan)
-    tx = optax.apply_if_finite(ol.layca(0.05), max_consecutive_errors=3)
-    u, s = tx.update(g, tx.init(P0), P0)
-    for k, v in flat(u).items():
-        assert np.all(v == 0), k
-    assert int(s.notfinite_count) == 1
-
-
-# ----------------------------------------------------------------------------- bad input
-
-
-def test_bad_alpha():
-    for factory in (ol.layca, ol.lars):
-        with pytest.raises(ValueError, match=r"alpha=\.\.\.\)` must lie in \[-1, 1\]; got 1.5"):
-            factory(0.1, alpha=1.5)
-        with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]; got -2"):
-            factory(0.1, alpha=lambda t: -2.0)
-        with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]; got nan"):
-            factory(0.1, alpha=float("nan"))
-    with pytest.raises(ValueError, match=r"scale_by_layca\(alpha=\.\.\.\)"):
-        ol.scale_by_layca(0.1, alpha=-1.01)
-
-
-def test_bad_layer_order():
-    tx = lambda order: ol.layca(0.1, layer_order=order)
-    with pytest.raises(ValueError, match=r"not layers of params: \['Dense_9/kernel'\]"):
-        tx(KERNELS + ["Dense_9/kernel"]).init(P0)
-    with pytest.raises(ValueError, match=r"not layers of params: \['Dense_0/bias'\]"):
-        tx(KERNELS + ["Dense_0/bias"]).init(P0)
-    with pytest.raises(ValueError, match=r"missing these layers of params: \['Dense_2/kernel'\]"):
-        tx([k for k in KERNELS if k != "Dense_2/kernel"]).init(P0)
-    with pytest.raises(ValueError, match=r"more than once: \['Dense_1/kernel'\]"):
-        tx(KERNELS + ["Dense_1/kernel"]).init(P0)
-    with pytest.raises(TypeError, match="`layer_order` must be a sequence"):
-        tx("Dense_0/kernel").init(P0)
-    # The chained form and the LARS variant validate the same way.
-    with pytest.raises(ValueError, match="missing these layers"):
-        ol.layca(0.1, layer_order=KERNELS[:2], fused=False).init(P0)
-    with pytest.raises(ValueError, match="missing these layers"):
-        ol.lars(0.1, layer_order=KERNELS[:2]).init(P0)
-
-
-def test_no_layer_found():
-    biases = {"Dense_0": {"bias": jnp.ones(3)}}
-    for tx in (ol.layca(0.1), ol.layca(0.1, fused=False), ol.lars(0.1)):
-        with pytest.raises(ValueError, match="No layer found in params"):
-            tx.init(biases)
-
-
-@pytest.mark.parametrize(
-    "make_tx",
-    [
-        lambda: ol.layca(0.1),
-        lambda: ol.layca(0.1, fused=False),
-        lambda: ol.lars(0.1),
-        ol.project_orthogonal,
-        ol.scale_to_weight_norm,
-        ol.project_to_initial_norm,
-        ol.cap_norm_increase,
-    ],
-    ids=["fused", "chained", "lars", "op1", "op2", "op4", "cap"],
-)
-def test_update_needs_params_and_matching_tree(make_tx):
-    tx = make_tx()
-    state = tx.init(P0)
-    g = jax.tree.map(jnp.ones_like, jax.tree.map(jnp.asarray, P0))
-    with pytest.raises(ValueError, match="reads the current parameters"):
-        tx.update(g, state)
-    missing = {k: dict(v) for k, v in g.items()}
-    del missing["Dense_2"]["bias"]
-    with pytest.raises(ValueError, match=r"same tree structure.*Dense_2/bias"):
-        tx.update(missing, state, P0)
-
-
-def test_full_optimizer_as_base_is_rejected():
-    for full in (optax.adam(1e-3), optax.sgd(0.1), optax.sgd(0.1, momentum=0.9)):
-        for factory in (ol.layca, functools.partial(ol.layca, fused=False), ol.lars):
-            with pytest.raises(
-                ValueError, match=r"pointing \*against\* the gradient.*scale_by_adam"
-            ):
-                factory(0.1, base=full).init(P0)
-    # Directions pass, and the check can be switched off.
-    for direction in (
-        optax.scale_by_adam(),
-        optax.trace(0.9),
-        optax.scale_by_rms(),
-        optax.ema(0.9, debias=False),
-    ):
-        ol.layca(0.1, base=direction).init(P0)
-    ol.layca(0.1, base=optax.adam(1e-3), check_base=False).init(P0)
-    with pytest.raises(TypeError, match="`base` must be an optax.GradientTransformation"):
-        ol.layca(0.1, base=lambda g: g)
-
-
-def test_bad_non_layer_and_flags():
-    with pytest.raises(ValueError, match=r"layca\(non_layer=\.\.\.\)` must be one of"):
-        ol.layca(0.1, non_layer="adam")
-    with pytest.raises(ValueError, match=r"lars\(non_layer=\.\.\.\)` must be one of"):
-        ol.lars(0.1, non_layer="zero")
-    with pytest.raises(TypeError, match="`per_unit` must be a bool"):
-        ol.layca(0.1, per_unit="yes")
-    with pytest.raises(TypeError, match="`is_layer` must be callable"):
-        ol.layca(0.1, is_layer="Dense_0/kernel")
-    with pytest.raises(
-        ValueError, match=r"`layer_axis=3` is out of range for leaf 'Dense_0/kernel'"
-    ):
-        ol.layca(0.1, layer_axis=3).init(P0)
-
-
 def test_sgd_amom_matches_formula():
     m, lr = 0.8, 0.5
     tx = ol.sgd_amom(lr, momentum=m)
@@ -653,8 +515,6 @@ def test_sgd_amom_matches_formula():
         u, s = tx.update(jnp.asarray(g), s, p)
         v = m * v + (1 - m) * g
         np.testing.assert_allclose(u, -lr * v, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"sgd_amom\(momentum=\.\.\.\)` must lie in \[0, 1\)"):
-        ol.sgd_amom(0.1, momentum=1.0)
 
 
 def test_initial_weights_are_float32_tolerance_of_numpy_reference():

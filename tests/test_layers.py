@@ -1,12 +1,15 @@
 """Layer discovery, paths, forward order and per-layer reductions."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 import pytest
-from _utils import natural
+from _utils import natural, nnx_mlp
 from flax import nnx
 
 import optax_layca as ol
@@ -27,7 +30,7 @@ def test_path_str_and_nnx_value_key():
 
 
 def test_nnx_init_and_update_paths_agree():
-    model = TinyNnx(nnx.Rngs(0))
+    model = nnx_mlp((3, 4, 2), ("z_in", "a_out"))
     state = nnx.state(model, nnx.Param)  # Variable leaves: paths end in .value
     raw = [p for p, _ in jtu.tree_flatten_with_path(state)[0]]
     assert any(isinstance(k, jtu.GetAttrKey) and k.name == "value" for k in raw[0])
@@ -107,8 +110,11 @@ def test_layer_depths_with_stacks():
     assert np.asarray(depth["stack"]["kernel"]).ravel().tolist() == [1, 2, 3]
     assert depth["stack"]["kernel"].shape == (3, 1, 1)  # broadcasts against the leaf
     assert int(depth["out"]["kernel"]) == 4 and int(depth["out"]["bias"]) == -1
-    # Natural-sort fallback (no order given): in, out, stack.
-    depth, total = layer_depths(params, Layering(), None)
+    # Hand-chosen names: the natural sort (in, out, stack) is not known to be the forward
+    # order, so it is refused where depth matters and used only where it does not (α = 0).
+    with pytest.raises(ValueError, match=r"`layer_order` is needed.*forward_order"):
+        layer_depths(params, Layering(), None)
+    depth, total = layer_depths(params, Layering(), None, need_order=False)
     assert total == 3 and int(depth["stack"]["kernel"]) == 2
 
 
@@ -190,17 +196,8 @@ def test_forward_order_cnn_with_residual_shortcut():
     assert ol.natural_order(order) != order
 
 
-class TinyNnx(nnx.Module):
-    def __init__(self, rngs):
-        self.z_in = nnx.Linear(3, 4, rngs=rngs)
-        self.a_out = nnx.Linear(4, 2, rngs=rngs)
-
-    def __call__(self, x):
-        return self.a_out(nnx.relu(self.z_in(x)))
-
-
 def test_forward_order_nnx():
-    model = TinyNnx(nnx.Rngs(0))
+    model = nnx_mlp((3, 4, 2), ("z_in", "a_out"))
     graphdef, state = nnx.split(model, nnx.Param)
     x = jnp.ones((1, 3))
     order = ol.forward_order(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
@@ -284,7 +281,7 @@ def test_forward_order_is_layer_and_errors():
     apply = lambda p, x: x @ p["b"] @ p["a"]
     assert ol.forward_order(apply, params, jnp.ones((1, 2))) == ("b", "a")
     assert ol.forward_order(apply, params, jnp.ones((1, 2)), is_layer=["a"]) == ("a",)
-    with pytest.raises(ValueError, match="no layer found"):
+    with pytest.raises(ValueError, match="No layer found"):
         ol.forward_order(lambda p, x: x, {"bias": jnp.ones(2)}, jnp.ones(2))
 
 
@@ -300,3 +297,200 @@ def test_forward_order_on_shape_stubs_and_literals():
     apply = lambda p, x, scale=1.0: jnp.maximum(x @ p["c"].T * 2.0, 0.0) @ p["a"].T * scale
     assert ol.layer_paths(params) == ("a", "c")
     assert ol.forward_order(apply, params, stub(1, 2), scale=3.0) == ("c", "a")
+
+
+# ----------------------------------------------------------------------------- stacked depths
+
+
+class _TBlock(nn.Module):
+    """A transformer-like block: a norm, an "attention" and an "MLP" kernel, named so that
+    alphabetical order (a_mlp < z_attn) is not the forward order (z_attn first)."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm(name="ln")(x)
+        x = x + nn.Dense(4, name="z_attn")(h)
+        return x + nn.Dense(4, name="a_mlp")(nn.relu(x)), None
+
+
+class _TNet(nn.Module):
+    scan: bool = True
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(10, 4, name="embed")(tokens)
+        if self.scan:
+            blocks = nn.scan(_TBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=3)(name="blocks")
+            x, _ = blocks(x, None)
+        else:  # the same network unrolled: one module per block
+            for b in range(3):
+                x, _ = _TBlock(name=f"block{b}")(x, None)
+        return nn.Dense(10, name="head")(x)
+
+
+@functools.cache
+def _tnet(scan):
+    model, tokens = _TNet(scan=scan), jnp.zeros((1, 5), jnp.int32)
+    # Only shapes matter: abstract init, then constant non-zero weights.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    order = ol.forward_order(lambda p, t: model.apply({"params": p}, t), shapes, tokens)
+    return jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes), order
+
+
+# The expected table, written out by hand: block by block, attention before MLP in a block.
+_STACKED_DEPTHS = {"embed/embedding": 0, "blocks/z_attn/kernel": [1, 3, 5],
+                   "blocks/a_mlp/kernel": [2, 4, 6], "head/kernel": 7}
+
+
+@pytest.mark.parametrize("layer_axis", [
+    {"blocks": 0},  # the scanned module named: its path is the scan root
+    {"blocks/z_attn/kernel": 0, "blocks/a_mlp/kernel": 0},  # leaf paths: root found
+    lambda path, leaf: 0 if path.startswith("blocks/") else None,
+])
+def test_scanned_blocks_take_depths_block_by_block(layer_axis):
+    params, order = _tnet(scan=True)
+    assert order == ("embed/embedding", "blocks/z_attn/kernel", "blocks/a_mlp/kernel",
+                     "head/kernel")
+    depth, total = layer_depths(params, Layering(layer_axis=layer_axis), order)
+    got = {p: np.asarray(d).ravel().tolist() for p, d in
+           ((ol.path_str(k), v) for k, v in jtu.tree_flatten_with_path(depth)[0])}
+    want = {p: (d if isinstance(d, list) else [d]) for p, d in _STACKED_DEPTHS.items()}
+    assert {p: got[p] for p in want} == want and total == 8
+    assert got["blocks/ln/scale"] == [-1] and got["blocks/z_attn/bias"] == [-1]
+    # Independent reference: the same network unrolled into one module per block has these
+    # depths from its traced forward order alone (no stack logic involved).
+    _, unrolled = _tnet(scan=False)
+    rank = {p: i for i, p in enumerate(unrolled)}
+    for name in ("z_attn", "a_mlp"):
+        assert got[f"blocks/{name}/kernel"] == [rank[f"block{b}/{name}/kernel"] for b in range(3)]
+
+
+def test_scanned_blocks_get_their_block_multiplier():
+    params, order = _tnet(scan=True)
+    tx = ol.scale_by_layer_multipliers(0.5, order, layer_axis={"blocks": 0})
+    ones = jax.tree.map(jnp.ones_like, params)
+    u, _ = tx.update(ones, tx.init(params), params)
+    m = np.asarray(ol.layer_multipliers(0.5, 8))
+    for path, d in _STACKED_DEPTHS.items():
+        leaf = u
+        for k in path.split("/"):
+            leaf = leaf[k]
+        got = np.asarray(leaf).reshape(np.size(d), -1)[:, 0]
+        # one float32 multiply of an exact 1.0 by m: exact
+        np.testing.assert_array_equal(got, m[np.atleast_1d(d)])
+
+
+def test_two_scans_of_the_same_length_stay_apart():
+    k = lambda n: jnp.ones((3, 4, 4))
+    params = {"embed": {"embedding": jnp.ones((10, 4))},
+              "enc": {"attn": {"kernel": k(0)}, "mlp": {"kernel": k(1)}},
+              "dec": {"attn": {"kernel": k(2)}, "mlp": {"kernel": k(3)}},
+              "head": {"kernel": jnp.ones((4, 10))}}
+    order = ["embed/embedding", "enc/attn/kernel", "enc/mlp/kernel", "dec/attn/kernel",
+             "dec/mlp/kernel", "head/kernel"]
+    stacked = lambda path, leaf: 0 if path.split("/")[0] in ("enc", "dec") else None
+    want = {"enc/attn/kernel": [1, 3, 5], "enc/mlp/kernel": [2, 4, 6],
+            "dec/attn/kernel": [7, 9, 11], "dec/mlp/kernel": [8, 10, 12]}
+    for spec in (stacked, {"enc": 0, "dec": 0}):
+        depth, total = layer_depths(params, Layering(layer_axis=spec), order)
+        assert total == 14 and int(depth["head"]["kernel"]) == 13
+        got = {p: np.asarray(depth[p.split("/")[0]][p.split("/")[1]]["kernel"]).ravel().tolist()
+               for p in want}
+        assert got == want
+    # Without the embedding and head nothing tells the two scans apart structurally: name them.
+    bare = {"enc": params["enc"], "dec": params["dec"]}
+    depth, _ = layer_depths(bare, Layering(layer_axis={"enc": 0, "dec": 0}), order[1:5])
+    assert np.asarray(depth["dec"]["attn"]["kernel"]).ravel().tolist() == [6, 8, 10]
+
+
+def test_stack_must_be_consecutive_in_layer_order():
+    params, _ = _tnet(scan=True)
+    order = ["embed/embedding", "blocks/z_attn/kernel", "head/kernel", "blocks/a_mlp/kernel"]
+    with pytest.raises(ValueError, match=r"must be consecutive.*'head/kernel' comes between"):
+        layer_depths(params, Layering(layer_axis={"blocks": 0}), order)
+
+
+def test_int_layer_axis_must_hit_stacks_only():
+    params, order = _tnet(scan=True)
+    # The embedding (10 rows) and the head (4 rows) are not stacks of the 3 blocks.
+    with pytest.raises(ValueError, match=r"`layer_axis=0` is an int.*'embed/embedding' has 10"):
+        Layering(layer_axis=0).layouts(params)
+    with pytest.raises(ValueError, match=r"`layer_axis=0` is an int"):
+        ol.layca(0.1, layer_axis=0, layer_order=order).init(params)
+    with pytest.raises(ValueError, match=r"`layer_axis=0` is an int"):
+        ol.rotation.layer_rotation(params, params, layer_axis=0)
+    # A tree made only of the stack takes an int.
+    blocks = {"blocks": params["blocks"]}
+    depth, total = layer_depths(blocks, Layering(layer_axis=0),
+                                ["blocks/z_attn/kernel", "blocks/a_mlp/kernel"])
+    assert total == 6
+    assert np.asarray(depth["blocks"]["a_mlp"]["kernel"]).ravel().tolist() == [1, 3, 5]
+
+
+# ----------------------------------------------------------------------------- natural order
+
+
+def test_natural_order_is_forward_only_for_auto_numbered_siblings():
+    assert ol.natural_order_is_forward([f"Dense_{i}/kernel" for i in range(12)])
+    assert ol.natural_order_is_forward(["layers_0/Dense_0/kernel", "layers_0/Dense_1/kernel",
+                                        "layers_1/Dense_0/kernel"])
+    assert ol.natural_order_is_forward(["layers/0/kernel", "layers/10/kernel"])  # nnx.List
+    assert ol.natural_order_is_forward(["only/kernel"])
+    assert not ol.natural_order_is_forward(["Conv_0/kernel", "Dense_0/kernel"])
+    assert not ol.natural_order_is_forward(["in/kernel", "out/kernel"])
+    assert not ol.natural_order_is_forward(["Dense_0/kernel", "Dense_1/w"])
+
+
+def _small_resnet():
+    from optax_layca.models import SmallResNet, apply_fn
+
+    model, x = SmallResNet(num_classes=3), jnp.zeros((1, 8, 8, 1))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.1, s.dtype), shapes)
+    return params, ol.forward_order(apply_fn(model), shapes, x)
+
+
+def test_small_resnet_needs_a_traced_order():
+    params, order = _small_resnet()
+    assert order[0] == "stem/kernel" and order[-1] == "head/kernel"
+    paths = ol.layer_paths(params)
+    assert ol.natural_order(paths)[-1] == "stem/kernel"  # what the natural sort would do
+    assert not ol.natural_order_is_forward(paths)
+    for make in (lambda **kw: ol.layca(0.1, alpha=0.5, **kw),
+                 lambda **kw: ol.scale_by_layer_multipliers(-0.5, **kw),
+                 lambda **kw: ol.lars(0.1, alpha=0.5, **kw)):
+        with pytest.raises(ValueError, match=r"`layer_order` is needed.*'stem/kernel'"):
+            make().init(params)
+        state = make(layer_order=order).init(params)
+        depth = optax.tree.get(state, "layer_depth")
+        assert int(depth["stem"]["kernel"]) == 0
+    # α = 0 ranks nothing: no order needed.
+    ol.layca(0.1).init(params)
+
+
+def test_unknown_order_with_alpha_injected_later_is_nan_not_silent():
+    params, _ = _small_resnet()
+    tx = optax.inject_hyperparams(ol.scale_by_layer_multipliers)(alpha=0.0)
+    state = tx.init(params)  # α = 0 at init: the order is not needed, so none is checked
+    assert int(optax.tree.get(state, "num_layers")) == 0
+    ones = jax.tree.map(jnp.ones_like, params)
+    u, _ = tx.update(ones, state, params)
+    assert all(bool(jnp.all(x == 1)) for x in jax.tree.leaves(u))
+    state.hyperparams["alpha"] = jnp.asarray(0.5)
+    u, _ = tx.update(ones, state, params)
+    assert bool(jnp.isnan(u["stem"]["kernel"]).all()) and bool(jnp.all(u["stem"]["bias"] == 1))
+
+
+def test_lars_normalises_stacked_non_layers_per_block():
+    """Under a stack a norm scale is one tensor per block (as in the unrolled network)."""
+    params, order = _tnet(scan=True)
+    scale = params["blocks"]["ln"]["scale"]  # (3 blocks, 4)
+    c = jnp.array([1.0, 10.0, 100.0])[:, None]
+    grads = jax.tree.map(jnp.zeros_like, params)
+    grads["blocks"]["ln"]["scale"] = c * scale  # parallel to each block, of different sizes
+    tx = ol.lars(0.1, layer_order=order, layer_axis={"blocks": 0})
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    # Per block: a step of the block's own norm, -0.1 * scale_b (shrinking: no cap). One
+    # float32 normalisation of a 4-vector: a few eps.
+    np.testing.assert_allclose(u["blocks"]["ln"]["scale"], -0.1 * scale, rtol=1e-6)

@@ -33,30 +33,43 @@ def test_mismatched_params():
         lca.allocate(loss, {"w": jnp.zeros(1, int)}, {"w": jnp.ones(1, int)}, X)
 
 
-def test_scalar_or_wrong_shape_loss():
+def test_scalar_wrong_shape_or_integer_loss():
     with pytest.raises(ValueError, match=r"per-example losses of shape \[B\].*got shape \(\)"):
         lca.allocate(lambda p, b: jnp.mean(loss(p, b)), P0, P1, X)
     with pytest.raises(ValueError, match=r"got shape \(12, 1\)"):
         lca.allocate(lambda p, b: loss(p, b)[:, None], P0, P1, X)
+    with pytest.raises(TypeError, match="floating-point losses.*got dtype int32"):
+        lca.allocate(lambda p, b: jnp.round(loss(p, b)).astype(jnp.int32), P0, P1, X)
+    with pytest.raises(TypeError, match="floating-point losses.*got dtype bool"):
+        lca.evaluate(lambda p, b: loss(p, b) > 0.5, P0, X)
 
 
-@pytest.mark.parametrize("tol", [0, -1e-3, float("nan")])
+@pytest.mark.parametrize("tol", [0, -1e-3, float("nan"), float("inf"), True])
 def test_bad_tol(tol):
-    with pytest.raises(ValueError, match="`tol` must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"`LCAOptions\(tol=...\)` must be a finite number > 0"):
         lca.allocate(loss, P0, P1, X, tol=tol)
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="`method` must be one of"):
+    with pytest.raises(ValueError, match=r"`LCAOptions\(method=...\)` must be one of"):
         lca.allocate(loss, P0, P1, X, method="euler")
-    with pytest.raises(ValueError, match="`max_splits` must be an int >= 1"):
-        lca.allocate(loss, P0, P1, X, max_splits=0)
-    with pytest.raises(ValueError, match="`engines` must be a non-empty subset"):
+    with pytest.raises(ValueError, match=r"max_splits=...\)` must be an int >= 2"):
+        lca.allocate(loss, P0, P1, X, max_splits=1)  # RK4 is already 2 sub-intervals
+    with pytest.raises(ValueError, match=r"engines=...\)` must be a non-empty subset"):
         lca.allocate(loss, P0, P1, X, engines=("hessian",))
-    with pytest.raises(ValueError, match="`class_strategy` must be one of"):
+    with pytest.raises(ValueError, match=r"class_strategy=...\)` must be one of"):
         lca.allocate(loss, P0, P1, X, labels=np.zeros(12, int), class_strategy="x")
-    with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+    with pytest.raises(ValueError, match=r"batch_size=...\)` must be an int >= 1"):
         lca.allocate(loss, P0, P1, X, batch_size=0)
+    with pytest.raises(ValueError, match=r"bn_mode=...\)` must be one of"):
+        lca.allocate(loss, P0, P1, X, bn_mode="train")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['tolerance'\]"):
+        lca.allocate(loss, P0, P1, X, tolerance=1e-3)
+    with pytest.raises(TypeError, match="must be an LCAOptions"):
+        lca.allocate(loss, P0, P1, X, options={"tol": 1e-3})
+    with pytest.raises(TypeError, match="`Evaluator` takes the options"):
+        lca.Evaluator(loss, X, tol=1e-3)
+    assert lca.LCAOptions(method="first_order", max_splits=1).max_splits == 1
     with pytest.raises(ValueError, match="needs `num_classes=`"):
         lca.allocate(loss, P0, P1, X, class_fn=lambda b: b[:, 0])
     with pytest.raises(ValueError, match="`labels` must be a 1-d integer array"):
@@ -72,7 +85,7 @@ def test_nan_loss_and_nan_data():
     bad[5, 0] = np.nan
     with pytest.raises(ValueError, match="`data` contains NaN or inf"):
         lca.allocate(loss, P0, P1, bad)
-    with pytest.raises(ValueError, match="`data` contains NaN or inf"):
+    with pytest.raises(ValueError, match=r"`data` \(batch 1\) contains NaN or inf"):
         lca.allocate(loss, P0, P1, [X[6:], bad[:6]])
 
 
@@ -83,8 +96,12 @@ def test_bad_data_containers():
         lca.allocate(loss, P0, P1, iter([X[:6], X[6:]]))
     with pytest.raises(ValueError, match="more than `batch_size`"):
         lca.allocate(loss, P0, P1, [X[:4], X[4:]])
-    with pytest.raises(ValueError, match="set `batch_size`"):
+    with pytest.raises(ValueError, match="set `labels`/`batch_size`"):
         lca.allocate(loss, P0, P1, lca.Evaluator(loss, X), batch_size=4)
+    with pytest.raises(ValueError, match="Evaluator of another `loss_fn`"):
+        lca.allocate(lambda p, b: loss(p, b), P0, P1, lca.Evaluator(loss, X))
+    with pytest.raises(ValueError, match="`test_labels=` needs `test_data=`"):
+        lca.allocate(loss, P0, P1, X, test_labels=np.zeros(12, int))
 
 
 def test_recorder_misuse():

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from optax_layca import lca
+
 CHILD = r"""
 import sys, time
 import numpy as np
@@ -47,19 +49,27 @@ STEPS = 24
 
 def run_child(directory, out, delay, wait=True):
     args = [sys.executable, "-c", CHILD, str(directory), str(STEPS), str(delay), str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     if wait:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
+        proc.stderr_text = err
     return proc
 
 
 def stored_iterations(directory: Path) -> int:
     return len(list(directory.glob("pending/*.npz"))) + sum(
-        1 for _ in directory.glob("chunk_*.npz"))
+        1 for _ in directory.glob("chunk_*.npz")
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kills", [3])
 def test_sigkill_mid_run_then_resume(tmp_path, kills):
     reference = tmp_path / "reference.npy"
@@ -76,17 +86,29 @@ def test_sigkill_mid_run_then_resume(tmp_path, kills):
                 time.sleep(0.013 * (k + 1))
                 break
             time.sleep(0.005)
-        assert proc.poll() is None, "child finished before it could be killed: " + proc.stderr.read()[-2000:]
+        assert proc.poll() is None, (
+            "child finished before it could be killed: " + proc.stderr.read()[-2000:]
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         proc.stdout.close()
         proc.stderr.close()
 
+    # the killed writers left a consistent prefix, readable without touching the directory
+    assert (directory / "LOCK").exists()  # the last writer died holding it
+    before = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    partial = lca.load_trajectory(directory)
+    assert 0 < len(partial) < STEPS
+    assert partial.iterations.tolist() == list(range(len(partial)))
+    assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == before
+
     resumed = tmp_path / "resumed.npy"
-    run_child(directory, resumed, 0.0)
+    proc = run_child(directory, resumed, 0.0)
+    assert "Took over the stale lock" in proc.stderr_text  # the dead writer's lock
     ref, got = np.load(reference), np.load(resumed)
     np.testing.assert_array_equal(got[:, 0], np.arange(STEPS))  # no iteration lost or doubled
     np.testing.assert_array_equal(got, ref)  # same numbers as the uninterrupted run
     for f in directory.rglob("*.npz"):  # every remaining file is a complete archive
         with zipfile.ZipFile(f) as z:
             assert z.testzip() is None, f
+    assert not (directory / "LOCK").exists()  # released by the finished writer

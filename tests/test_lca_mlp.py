@@ -63,18 +63,23 @@ def test_conservation_every_iteration_with_endpoint_reuse(problem):
     h = rec.history()
     assert h.converged.all()
     np.testing.assert_array_less(np.abs(h.total - h.loss_change), 1e-4)
+    np.testing.assert_allclose(h.error, h.loss_change - h.total, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(h.per_layer.sum(1), h.total, rtol=1e-12)
+    np.testing.assert_allclose(h.per_leaf.sum(1), h.total, rtol=1e-12)
+    assert h.layer_names == ("Dense_0", "Dense_1")  # a layer is a module: kernel + bias
+    np.testing.assert_allclose(h.per_layer[:, 0], h.per_leaf[:, 0] + h.per_leaf[:, 1], rtol=1e-12)
     # independent check of the measured loss change
     mean = lambda p: float(np.mean(loss_fn(p, (x, y))))
     np.testing.assert_allclose(
         h.loss_change, [mean(b) - mean(a) for a, b in itertools.pairwise(traj)], atol=2e-6
     )
-    # the endpoint gradient of step t is the start of step t + 1: 1 + Σ_t 2 n_t passes
-    assert rec.evaluator.num_evaluations == 1 + 2 * int(h.num_splits.sum())
+    # the endpoint gradient of step t is the start of step t + 1: 1 + Σ_t n_t passes
+    # (n_t sub-intervals: the end point and n_t − 1 interior points)
+    assert rec.evaluator.num_evaluations == 1 + int(h.num_splits.sum())
     # per-parameter LCA sums to per-leaf LCA
     for r in rec.results:
         for path, v in lca.stack_results([r]).per_param.items():
-            np.testing.assert_allclose(v.sum(), r.per_layer[path], rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(v.sum(), r.per_leaf[path], rtol=1e-4, atol=1e-7)
     # against a direct (unbatched) Simpson of full-batch gradients
     r0 = rec.results[0]
     p0, p1 = traj[0], traj[1]
@@ -86,7 +91,7 @@ def test_conservation_every_iteration_with_endpoint_reuse(problem):
     w = lca.simpson_weights(n)
     ref = jax.tree.map(
         lambda *gs: sum(wi * gi for wi, gi in zip(w, gs)),
-        *[g(s) for s in np.linspace(0, 1, 2 * n + 1)],
+        *[g(s) for s in np.linspace(0, 1, n + 1)],
     )
     jax.tree.map(
         lambda a, b, dd: np.testing.assert_allclose(a, b * dd, rtol=2e-3, atol=1e-6),
@@ -103,12 +108,13 @@ def test_jvp_per_layer_equals_grad_per_layer(problem):
         rj = lca.allocate(loss_fn, traj[t], traj[t + 1], (x, y), engines="jvp", batch_size=64)
         assert rj.per_param is None
         assert (
-            set(rg.per_layer)
-            == set(rj.per_layer)
+            set(rg.per_leaf)
+            == set(rj.per_leaf)
             == {"Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"}
         )
-        for k in rg.per_layer:
-            np.testing.assert_allclose(rj.per_layer[k], rg.per_layer[k], rtol=1e-4, atol=1e-7)
+        assert set(rg.per_layer) == {"Dense_0", "Dense_1"}
+        for k in rg.per_leaf:
+            np.testing.assert_allclose(rj.per_leaf[k], rg.per_leaf[k], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(rj.loss_change, rg.loss_change, atol=1e-7)
 
 
@@ -125,7 +131,10 @@ def test_per_class_sums_to_total(problem, strategy):
         engines="jvp",
         batch_size=50,
     )
-    assert r.per_class.shape == (3, 4)
+    assert r.per_class_leaf.shape == (3, 4) and r.per_class.shape == (3, 2)
+    np.testing.assert_allclose(
+        r.per_class_leaf.sum(0), [r.per_leaf[k] for k in r.leaf_names], rtol=1e-4, atol=1e-7
+    )
     np.testing.assert_allclose(
         r.per_class.sum(0), [r.per_layer[k] for k in r.layer_names], rtol=1e-4, atol=1e-7
     )
@@ -143,7 +152,7 @@ def test_class_strategies_agree(problem):
     x, y, traj, loss_fn = problem
     a = lca.allocate(loss_fn, traj[0], traj[1], (x, y), labels=y, class_strategy="jvp")
     b = lca.allocate(loss_fn, traj[0], traj[1], (x, y), labels=y, class_strategy="reverse")
-    np.testing.assert_allclose(a.per_class, b.per_class, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(a.per_class_leaf, b.per_class_leaf, rtol=1e-4, atol=1e-7)
     assert lca.choose_class_strategy(4, 3) == "jvp"
 
 
@@ -168,14 +177,14 @@ def test_padded_batch_mean_equals_unbatched(problem):
     r1 = lca.allocate(loss_fn, traj[0], traj[1], gen, class_fn=lambda b: b[1], num_classes=3)
     r2 = lca.allocate(loss_fn, traj[0], traj[1], (x, y), labels=y, batch_size=40)
     np.testing.assert_allclose(r1.total, r2.total, rtol=1e-5)
-    np.testing.assert_allclose(r1.per_class, r2.per_class, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(r1.per_class_leaf, r2.per_class_leaf, rtol=1e-4, atol=1e-7)
 
 
 def test_result_is_a_pytree(problem):
     x, y, traj, loss_fn = problem
     r = lca.allocate(loss_fn, traj[0], traj[1], (x, y))
     r2 = jax.tree.map(lambda v: v, r)
-    assert r2.layer_names == r.layer_names and r2.per_layer == r.per_layer
+    assert r2.leaf_names == r.leaf_names and r2.per_layer == r.per_layer
     assert jax.device_get(r).total == r.total
 
 
@@ -185,10 +194,10 @@ def test_no_retrace_across_iterations(problem):
     rec = lca.LCARecorder(None, ev)
     rec.start(traj[0])
     rec(traj[1])
-    size = ev._scan._cache_size()
+    size = ev.kernels.step._cache_size()
     for p in traj[2:]:
         rec(p)
-    assert ev._scan._cache_size() == size
+    assert ev.kernels.step._cache_size() == size
 
 
 def test_jvp_loop_and_vmap_paths_agree(problem, monkeypatch):
@@ -202,6 +211,6 @@ def test_jvp_loop_and_vmap_paths_agree(problem, monkeypatch):
     b = lca.allocate(
         loss_fn, traj[0], traj[1], (x, y), engines="jvp", labels=y, class_strategy="jvp"
     )
-    np.testing.assert_allclose(a.per_class, b.per_class, rtol=1e-5, atol=1e-8)
-    for k in a.per_layer:
-        np.testing.assert_allclose(a.per_layer[k], b.per_layer[k], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(a.per_class_leaf, b.per_class_leaf, rtol=1e-5, atol=1e-8)
+    for k in a.per_leaf:
+        np.testing.assert_allclose(a.per_leaf[k], b.per_leaf[k], rtol=1e-5, atol=1e-8)

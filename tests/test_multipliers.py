@@ -1,11 +1,13 @@
-"""The α layer multipliers of Eq. 1 (seed 000) against the formula written out in numpy."""
+"""The α layer multipliers of Eq. 1 (Carbonnelle & De Vleeschouwer, 2019) against the formula
+written out in numpy. Argument errors: ``test_reliability.py``; tree, dtype and injection
+checks: ``test_contract.py``."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _utils import eq1_multiplier, natural
+from _utils import eq1_multiplier, init_mlp, natural
 
 import optax_layca as ol
 
@@ -43,42 +45,8 @@ def test_shape_of_the_schedule():
         np.testing.assert_allclose(down[-1], (1 - a) ** 5, rtol=1e-5)
 
 
-def test_bad_arguments():
-    with pytest.raises(
-        ValueError, match=r"layer_multipliers\(alpha=\.\.\.\)` must lie in \[-1, 1\]"
-    ):
-        ol.layer_multipliers(1.5, 3)
-    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]; got inf"):
-        ol.layer_multipliers(float("inf"), 3)
-    with pytest.raises(ValueError, match="must be a scalar; got shape \\(2,\\)"):
-        ol.layer_multipliers(jnp.array([0.1, 0.2]), 3)
-    with pytest.raises(ValueError, match="`num_layers` must be >= 1; got 0"):
-        ol.layer_multipliers(0.5, 0)
-    for bad in (2.5, True, "3"):
-        with pytest.raises(TypeError, match="`num_layers` must be an int"):
-            ol.layer_multipliers(0.5, bad)
-    with pytest.raises(ValueError, match=r"scale_by_layer_multipliers\(alpha=\.\.\.\)"):
-        ol.scale_by_layer_multipliers(-1.2)
-    with pytest.raises(ValueError, match=r"schedule at step 0.*must lie in \[-1, 1\]; got 3"):
-        ol.scale_by_layer_multipliers(lambda t: 3.0)
-
-
-def test_traced_alpha_is_clipped():
-    f = jax.jit(lambda a: ol.layer_multipliers(a, 4))
-    np.testing.assert_array_equal(f(2.0), ol.layer_multipliers(1.0, 4))
-    np.testing.assert_array_equal(f(-3.0), ol.layer_multipliers(-1.0, 4))
-    np.testing.assert_allclose(f(0.3), ol.layer_multipliers(0.3, 4), rtol=1e-6)
-
-
 def _params(n=12):
-    rng = np.random.default_rng(0)
-    return {
-        f"Dense_{i}": {
-            "kernel": jnp.asarray(rng.standard_normal((2, 2)), jnp.float32),
-            "bias": jnp.ones(2),
-        }
-        for i in range(n)
-    }
+    return init_mlp([2] * (n + 1))  # n layers of 2x2 kernels
 
 
 def test_scale_by_layer_multipliers_uses_natural_order():
@@ -168,20 +136,3 @@ def test_alpha_injected_changes_without_retrace():
             atol=1e-30,
         )
     assert len(traces) == 1
-
-
-def test_update_tree_must_match_init_tree():
-    params = _params(3)
-    tx = ol.scale_by_layer_multipliers(0.5)
-    state = tx.init(params)
-    bad = {k: v for k, v in params.items() if k != "Dense_1"}
-    with pytest.raises(ValueError, match=r"same tree structure.*Dense_1/bias"):
-        tx.update(bad, state)
-
-
-def test_bf16_updates_keep_dtype():
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params(3))
-    tx = ol.scale_by_layer_multipliers(0.5)
-    with jax.numpy_dtype_promotion("strict"):
-        u, _ = tx.update(params, tx.init(params), params)
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))

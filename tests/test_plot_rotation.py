@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -34,6 +36,7 @@ def fake_history(n=8, epoch_len=2, scale=1.0):
     return hist
 
 
+@functools.cache
 def trained_history():
     """A real monitored run (SGD on a quadratic) with per-epoch rotation recorded."""
     import jax
@@ -200,3 +203,101 @@ def test_all_listed():
     )
     for name in _rotation.__all__:
         assert getattr(plot, name).__doc__
+
+
+@functools.cache
+def stacked_adam_state(n=3):
+    """Adam after one step on a scanned (stacked, ``layer_axis=0``) kernel and a plain one."""
+    import optax
+
+    params = {"blocks": {"kernel": jnp.ones((n, 4, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+    grads = {
+        "blocks": {"kernel": jnp.arange(n * 16.0).reshape(n, 4, 4) + 1.0},
+        "head": {"kernel": jnp.full((4, 2), 0.5)},
+    }
+    tx = optax.adam(1e-3)
+    _, state = tx.update(grads, tx.init(params), params)
+    return grads, state
+
+
+def test_stacked_layers_are_entries_not_averaged():
+    """`second_moment_percentiles` / `layer_convergence_rate` with layer_axis=0 give one value
+    per stacked layer: the figures draw each one (never the first or the mean only)."""
+    grads, state = stacked_adam_state()
+    layer_axis = lambda path, leaf: 0 if path.startswith("blocks") else None
+    pct = rot.second_moment_percentiles(state, layer_axis=layer_axis)
+    assert np.shape(pct["blocks/kernel"]) == (3, 3)
+    fig = plot.moment_percentiles_figure(pct)
+    (bullets,) = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "o"]
+    # numpy reference: ν = (1 - 0.999) g² per stacked slice, median over its 16 entries
+    g = np.asarray(grads["blocks"]["kernel"], np.float64)
+    want = [np.median(0.001 * g[i] ** 2) for i in range(3)] + [0.001 * 0.25]
+    # float32 ν (one rounding of g², one of the product): relative 2 * 2**-24
+    np.testing.assert_allclose(bullets.get_ydata(), want, rtol=2**-22)
+    with pytest.raises(ValueError, match="3 percentiles"):
+        plot.moment_percentiles_figure(rot.second_moment_percentiles(state, q=(10, 90)))
+
+    traj = [
+        {"blocks": {"kernel": np.full((3, 2, 2), 4.0 - t * np.array([1, 2, 3])[:, None, None] / 4)}}
+        for t in range(3)
+    ]
+    final = {"blocks": {"kernel": np.zeros((3, 2, 2))}}
+    rates = rot.layer_convergence_rate(traj, final, 0, 1, 2, layer_axis=0)
+    fig = plot.convergence_rates_figure(rates)
+    ax = fig.axes[0]
+    # slice i moves (i + 1) / 4 of a distance 4 per step: C = (i + 1) / 16
+    np.testing.assert_allclose([b.get_height() for b in ax.patches], [1 / 16, 2 / 16, 3 / 16])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["blocks[0]", "blocks[1]", "blocks[2]"]
+
+
+def all_single_panel_figures():
+    hist = trained_history()
+    _, state = stacked_adam_state()
+    return {
+        "rotation_curves": lambda ax: plot.rotation_curves_figure(
+            hist, ax=ax, title="Adam + Layca", accuracies=0.912, colorbar=True
+        ),
+        "epoch_rotation": lambda ax: plot.epoch_rotation_figure(hist, ax=ax, colorbar=True),
+        "layer_norms": lambda ax: plot.layer_norms_figure(hist, names="weight_norm", ax=ax),
+        "moment_percentiles": lambda ax: plot.moment_percentiles_figure(
+            {"epoch 1": rot.second_moment_percentiles(state)}, ax=ax
+        ),
+        "layer_multipliers": lambda ax: plot.layer_multipliers_figure([-0.5, 0.5], 8, ax=ax),
+        "convergence_rates": lambda ax: plot.convergence_rates_figure(
+            {p: 0.1 * i for i, p in enumerate(LAYERS)}, ax=ax
+        ),
+    }
+
+
+def test_figures_save_unclipped_with_default_savefig(tmp_path):
+    """Everything a figure made here draws lies inside it after a plain `fig.savefig(path)`:
+    the tight box of the drawn artists (what ``bbox_inches="tight"`` would crop to) is within
+    the figure, and so is each drawn text."""
+    for name, draw in all_single_panel_figures().items():
+        fig = draw(None)
+        fig.savefig(tmp_path / f"{name}.png")  # default args: no bbox_inches="tight"
+        renderer = fig.canvas.get_renderer()
+        w, h = fig.get_size_inches()
+        tight = fig.get_tightbbox(renderer)  # inches, drawn artists only
+        # 0.01 in (1 px at 100 dpi) slack: extents are snapped to whole pixels
+        assert tight.x0 >= -0.01 and tight.y0 >= -0.01, (name, tight)
+        assert tight.x1 <= w + 0.01 and tight.y1 <= h + 0.01, (name, tight)
+        texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+        for t in texts:
+            if t.get_text():
+                ext = t.get_window_extent(renderer)
+                assert ext.x0 >= -1 and ext.x1 <= fig.bbox.x1 + 1, (name, t.get_text(), ext)
+                assert ext.y0 >= -1 and ext.y1 <= fig.bbox.y1 + 1, (name, t.get_text(), ext)
+
+
+def test_caller_axes_keep_their_layout():
+    """On a caller's axes, a figure draws and nothing else: no layout engine is set, no axes
+    is moved or resized (a colour bar becomes an inset instead of stealing room)."""
+    for name, draw in all_single_panel_figures().items():
+        fig, ax = plt.subplots(figsize=(4, 3))
+        before = ax.get_position().bounds
+        assert draw(ax) is fig, name
+        fig.canvas.draw()
+        assert fig.get_layout_engine() is None, name
+        assert ax.get_position().bounds == before, name
+        plt.close(fig)

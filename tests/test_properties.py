@@ -1,15 +1,21 @@
-"""Property-based tests (hypothesis) over random pytrees for every Layca-family transform.
+"""Property-based tests (hypothesis) over random pytrees and random arguments.
 
 Random nested dicts/lists/tuples of leaves with shapes including 0-d and size-0, dtypes
 float32/bfloat16/float16, tiny and huge scales: no NaN/Inf comes out unless one came in,
-structure and dtypes are preserved, and the Layca invariants hold.
+structure and dtypes are preserved, and the Layca invariants hold; a leaf dropped or reshaped
+is named in the error. Random bad values of every numeric argument raise, naming it, and
+random good ones are accepted. The transforms are rows of the table in ``conftest.py``.
 """
+
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TRANSFORMS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,20 +72,27 @@ def nonzero_layers(params):
     )
 
 
-TRANSFORMS = {
-    "layca_fused": lambda: ol.layca(0.1),
-    "layca_chain": lambda: ol.layca(0.1, fused=False),
-    "layca_adam": lambda: ol.layca(0.1, base=optax.scale_by_adam(), alpha=0.5),
-    "lars": lambda: ol.lars(0.1, alpha=-0.5),
-    "per_unit": lambda: ol.layca(0.1, per_unit=True),
-    "project_orthogonal": lambda: ol.project_orthogonal(),
-    "scale_to_weight_norm": lambda: ol.scale_to_weight_norm(),
-    "monitored": lambda: optax.chain(ol.layca(0.1), ol.track_rotation()),
-    "monitor_adam": lambda: ol.track_rotation(optax.scale_by_adam()),
-}
+ENTRIES = {e.name: e for e in TRANSFORMS}
+# The rows that take any tree (AdaptCopy's table names fixed layers), and Layca per unit.
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def _any_tree(entry):
+    """``params -> transform``: α ≠ 0 needs a forward order, and a random tree's layer paths are
+    not auto-numbered siblings, so any order of its layers is passed (the maths checked here
+    does not depend on which)."""
+    if entry.kwargs.get("alpha", 0.0) == 0.0:
+        return lambda params: entry.make()
+    return lambda params: entry.make(layer_order=ol.layer_paths(params))
+
+
+ANY_TREE = {name: _any_tree(e) for name, e in ENTRIES.items() if name != "adapt_copy"}
+ANY_TREE["per_unit"] = lambda params: ENTRIES["layca_sgd"].make(per_unit=True)
+RANDOM_TREES = ["layca_sgd", "layca_sgd_chained", "layca_adam", "lars", "per_unit",
+                "project_orthogonal", "scale_to_weight_norm", "chain(layca, track_rotation)",
+                "track_rotation(adam)"]
+
+
+@pytest.mark.parametrize("name", RANDOM_TREES)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees(leaves()))
 def test_finite_in_finite_out_structure_and_dtype(name, tree):
@@ -93,9 +106,9 @@ def test_finite_in_finite_out_structure_and_dtype(name, tree):
         if ol.default_is_layer(ol.path_str(p), x) and x.size
     ):
         return
-    if name in ("layca_adam", "monitor_adam") and any(x.dtype == jnp.float16 for x in jax.tree.leaves(params)):
+    if "adam" in name and any(x.dtype == jnp.float16 for x in jax.tree.leaves(params)):
         return  # optax's own scale_by_adam gives 0/0 = NaN in float16 (eps underflows)
-    tx = TRANSFORMS[name]()
+    tx = ANY_TREE[name](params)
     state = tx.init(params)
     updates, state = tx.update(grads, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
@@ -154,3 +167,122 @@ def test_long_run_keeps_initial_norm():
     (params, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, keys))((params, tx.init(params)))
     for n0, n in zip(jax.tree.leaves(norms0), jax.tree.leaves(jax.tree.map(jnp.linalg.norm, params))):
         np.testing.assert_allclose(float(n), float(n0), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- tree mismatches
+
+
+def _replace_leaf(tree, index, fn):
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves[index] = fn(leaves[index])
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("name", ["layca_sgd", "layca_sgd_chained", "lars", "scale_by_layca",
+                                  "project_orthogonal", "project_to_initial_norm",
+                                  "cap_norm_increase", "chain(layca, track_rotation)"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees(leaves()), pick=st.integers(0, 100), reshape=st.booleans())
+def test_a_dropped_or_reshaped_leaf_is_named(name, tree, pick, reshape):
+    params, grads = split(tree)
+    if not has_layer(params) or not nonzero_layers(params):
+        return
+    tx = ANY_TREE[name](params)
+    state = tx.init(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    index = pick % len(flat)
+    path = ol.path_str(flat[index][0])
+    if reshape:  # one more axis: broadcasting would otherwise let it through
+        bad = _replace_leaf(grads, index, lambda x: jnp.ones((*x.shape, 2), x.dtype))
+    else:  # the leaf disappears (None is an empty subtree)
+        bad = _replace_leaf(grads, index, lambda x: None)
+    with pytest.raises(ValueError, match=re.escape(repr(path))):
+        tx.update(bad, state, params)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+TABLE = {"Dense_0/kernel": [0.1]}
+inf = math.inf
+# (call with the value, argument name, interval (low, high, low_open, high_open))
+NUMERIC_ARGS = {
+    "layca.learning_rate": (lambda v: ol.layca(v), "learning_rate", (0, inf, False, True)),
+    "lars.learning_rate": (lambda v: ol.lars(v), "learning_rate", (0, inf, False, True)),
+    "scale_by_layca.learning_rate": (lambda v: ol.scale_by_layca(v), "learning_rate",
+                                     (0, inf, False, True)),
+    "sgd_amom.learning_rate": (lambda v: ol.sgd_amom(v), "learning_rate", (0, inf, False, True)),
+    "adapt_copy.non_layer_learning_rate": (
+        lambda v: ol.adapt_copy(TABLE, non_layer_learning_rate=v), "non_layer_learning_rate",
+        (0, inf, False, True)),
+    "layca.alpha": (lambda v: ol.layca(0.1, alpha=v), "alpha", (-1, 1, False, False)),
+    "lars.alpha": (lambda v: ol.lars(0.1, alpha=v), "alpha", (-1, 1, False, False)),
+    "scale_by_layer_multipliers.alpha": (lambda v: ol.scale_by_layer_multipliers(v), "alpha",
+                                         (-1, 1, False, False)),
+    "layer_multipliers.alpha": (lambda v: ol.layer_multipliers(v, 3), "alpha",
+                                (-1, 1, False, False)),
+    "layca.parallel_tol": (lambda v: ol.layca(0.1, parallel_tol=v), "parallel_tol",
+                           (0, 1, False, True)),
+    "project_orthogonal.parallel_tol": (lambda v: ol.project_orthogonal(parallel_tol=v),
+                                        "parallel_tol", (0, 1, False, True)),
+    "sgd_amom.momentum": (lambda v: ol.sgd_amom(0.1, momentum=v), "momentum",
+                          (0, 1, False, True)),
+    "cap_norm_increase.max_increase": (lambda v: ol.cap_norm_increase(v), "max_increase",
+                                       (0, inf, False, True)),
+    "lars.max_norm_increase": (lambda v: ol.lars(0.1, max_norm_increase=v), "max_norm_increase",
+                               (0, inf, False, True)),
+    "adapt_copy.max_angle": (lambda v: ol.adapt_copy(TABLE, max_angle=v), "max_angle",
+                             (0, math.pi / 2, True, True)),
+}
+ANY_VALUE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-2.0, 2.0),
+    st.integers(-3, 3),
+    st.builds(np.float32, st.floats(-2.0, 2.0, width=32)),
+    st.none(),
+    st.booleans(),
+    st.text(max_size=3),
+)
+
+
+def _valid(value, interval):
+    low, high, low_open, high_open = interval
+    if isinstance(value, (bool, str)) or value is None:
+        return False
+    v = float(value)
+    return (math.isfinite(v) and (v > low if low_open else v >= low)
+            and (v < high if high_open else v <= high))
+
+
+@pytest.mark.parametrize("which", sorted(NUMERIC_ARGS))
+@settings(max_examples=30, deadline=None)
+@given(value=ANY_VALUE)
+def test_every_numeric_argument_is_validated_by_name(which, value):
+    make, arg, interval = NUMERIC_ARGS[which]
+    none_ok = arg == "non_layer_learning_rate"  # None: non-layer leaves frozen
+    if _valid(value, interval) or (value is None and none_ok):
+        make(value)
+    else:
+        with pytest.raises((ValueError, TypeError), match=re.escape(f"{arg}=...)")):
+            make(value)
+
+
+INT_ARGS = {
+    "track_rotation.every": lambda v: ol.track_rotation(every=v),
+    "RotationHistory.every": lambda v: ol.RotationHistory(every=v),
+    "adapt_copy.steps_per_epoch": lambda v: ol.adapt_copy(TABLE, steps_per_epoch=v),
+    "layer_multipliers.num_layers": lambda v: ol.layer_multipliers(0.5, v),
+}
+
+
+@pytest.mark.parametrize("which", sorted(INT_ARGS))
+@settings(max_examples=30, deadline=None)
+@given(value=st.one_of(st.integers(-3, 5), st.builds(np.int64, st.integers(-3, 5)),
+                       st.floats(-3, 5), st.booleans(), st.none(), st.text(max_size=2)))
+def test_every_int_argument_takes_python_and_numpy_ints_only(which, value):
+    arg = which.split(".")[1]
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    if ok or (value is None and arg == "steps_per_epoch"):  # None: one row per step
+        INT_ARGS[which](value)
+    else:
+        with pytest.raises((ValueError, TypeError), match=re.escape(f"{arg}=...)")):
+            INT_ARGS[which](value)

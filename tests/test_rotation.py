@@ -7,13 +7,13 @@ References are float64 numpy transcriptions of the definitions (seed 000 §3.1, 
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _utils import init_mlp, mlp_class_data, mlp_xent_jax, nnx_mlp
 
 import optax_layca as ol
 from optax_layca import RotationHistory, track_rotation
@@ -49,30 +49,12 @@ def rotated(a, theta, rng):
     return b.astype(np.float32)
 
 
-def mlp(sizes=(6, 8, 8, 3), seed=0, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
-    return {
-        f"Dense_{i}": {
-            "kernel": (jax.random.normal(keys[i], (a, b)) / np.sqrt(a)).astype(dtype),
-            "bias": jnp.zeros(b, dtype),
-        }
-        for i, (a, b) in enumerate(itertools.pairwise(sizes))
-    }
+def mlp(sizes=(6, 8, 8, 3), seed=0):
+    return init_mlp(sizes, seed)
 
 
-def mlp_loss(p, x, y):
-    h = x
-    n = len(p)
-    for i in range(n):
-        h = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
-        if i < n - 1:
-            h = jnp.tanh(h)
-    return optax.softmax_cross_entropy_with_integer_labels(h.astype(jnp.float32), y).mean()
-
-
-def data(n=16, d=6, k=3, seed=1):
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.normal(size=(n, d)), jnp.float32), jnp.asarray(rng.integers(0, k, n))
+def data():
+    return mlp_class_data((6, 3))
 
 
 def train(tx, params, steps, record=None):
@@ -83,7 +65,7 @@ def train(tx, params, steps, record=None):
     @jax.jit
     def step(p, s):
         traces.append(1)
-        g = jax.grad(mlp_loss)(p, x, y)
+        g = jax.grad(mlp_xent_jax)(p, x, y)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, g, u
 
@@ -290,7 +272,7 @@ def test_monitor_state_at_init_and_unique_fields():
     assert ini["Dense_0/kernel"] is not params["Dense_0"]["kernel"]
 
 
-def test_monitor_zero_layer_and_bf16():
+def test_monitor_zero_layer_figures_are_float32_zero_and_flagged():
     params = {
         "Dense_0": {"kernel": jnp.zeros((3, 2), jnp.bfloat16)},
         "Dense_1": {"kernel": jnp.ones((2, 2), jnp.bfloat16)},
@@ -299,13 +281,14 @@ def test_monitor_zero_layer_and_bf16():
     state = tx.init(params)
     g = jax.tree.map(lambda w: jnp.full(w.shape, 0.5, w.dtype), params)
     u, state = jax.jit(tx.update)(g, state, params)
-    assert jax.tree.map(lambda x: x.dtype, u) == jax.tree.map(lambda x: x.dtype, params)
     for name in rot.FIGURES:
         for v in getattr(state, name).values():
             assert v.dtype == jnp.float32 and np.isfinite(v).all()
-    # the zero-initialised layer: distance 0 by convention (it was 0 at init)
+    # the zero-initialised layer: distance 0 by convention (it was 0 at init), and flagged
     assert float(state.cosine_distance["Dense_0/kernel"]) == 0.0
     assert float(state.step_angle["Dense_0/kernel"]) == 0.0
+    assert bool(state.zero_initial_layer_norm["Dense_0/kernel"])
+    assert not bool(state.zero_initial_layer_norm["Dense_1/kernel"])
 
 
 def test_monitor_per_unit_and_stacked():
@@ -375,7 +358,7 @@ def test_monitor_every_k_and_donation():
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, s):
         traces.append(1)
-        u, s = tx.update(jax.grad(mlp_loss)(p, x, y), s, p)
+        u, s = tx.update(jax.grad(mlp_xent_jax)(p, x, y), s, p)
         return optax.apply_updates(p, u), s
 
     p, s = jax.tree.map(jnp.copy, params), tx.init(params)
@@ -400,24 +383,6 @@ def test_monitor_every_k_and_donation():
     )
     with pytest.raises(ValueError, match="every"):
         track_rotation(every=0)
-
-
-def test_monitor_errors():
-    params = mlp()
-    tx = track_rotation()
-    state = tx.init(params)
-    with pytest.raises(ValueError, match="reads the current parameters"):
-        tx.update(params, state)
-    bad = dict(params)
-    bad["Dense_9"] = {"kernel": jnp.ones((2, 2))}
-    with pytest.raises(ValueError, match="Dense_9"):
-        tx.update(bad, state, params)
-    with pytest.raises(ValueError, match="differ from those seen at init"):
-        tx.update(bad, state, bad)
-    with pytest.raises(ValueError, match="no layer found"):
-        tx.init({"b": jnp.ones(3)})
-    with pytest.raises(TypeError, match="optax transformation"):
-        track_rotation(lambda g: g)
 
 
 def test_monitor_with_flax_linen():
@@ -458,16 +423,8 @@ def test_monitor_with_flax_linen():
 def test_monitor_with_flax_nnx():
     from flax import nnx
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.l1 = nnx.Linear(6, 8, rngs=rngs)
-            self.l2 = nnx.Linear(8, 3, rngs=rngs)
-
-        def __call__(self, x):
-            return self.l2(jnp.tanh(self.l1(x)))
-
     x, y = data()
-    model = Net(nnx.Rngs(0))
+    model = nnx_mlp((6, 8, 3), ("l1", "l2"))
     w0 = np.asarray(model.l1.kernel[...])
     rho = 0.05
     opt = nnx.Optimizer(model, optax.chain(ol.layca(rho), track_rotation()), wrt=nnx.Param)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -24,6 +26,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_and_fsdp_match_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     code = SCRIPT.format(examples=str(ROOT / "examples"))

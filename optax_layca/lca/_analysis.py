@@ -1,7 +1,10 @@
-"""Analyses of a run's LCA (seed 004 §3–5, Tables S1–S2): plain functions over an
+"""Analyses of a run's LCA (Lan et al., "LCA: Loss Change Allocation for Neural Network
+Training", NeurIPS 2019, §3–5, Tables 1, S1, S2): plain functions over an
 :class:`~optax_layca.lca.LCAHistory` (or a sequence of ``LCAResult``s, stacked on the fly).
 
-Sign convention: negative LCA *helps* (lowers the loss), positive *hurts*.
+Sign convention: negative LCA *helps* (lowers the loss), positive *hurts*. A *layer* is a
+module (its leaves summed, :func:`optax_layca._layers.module_path`); leaf-level views are
+available by name (``level="leaf"``, ``per_neuron(path)``).
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from .._layers import module_path, path_str
 from ._result import LCAHistory, LCAResult, stack_results
 
-GAUSSIAN_FRAC_BEYOND_3SIGMA = math.erfc(3 / math.sqrt(2))  # 0.0027
-GAUSSIAN_TAIL_MASS_3SIGMA = math.exp(-4.5)  # E[|x|; |x| > 3σ] / E|x| for a Gaussian: 0.0111
+LEVELS = ("layer", "leaf")
 
 
-def _history(h: Any) -> LCAHistory:
+def as_history(h: Any) -> LCAHistory:
+    """``h`` as an :class:`LCAHistory` (an ``LCAResult`` or a sequence of them is stacked)."""
     if isinstance(h, LCAHistory):
         return h
     if isinstance(h, LCAResult):
@@ -31,7 +35,8 @@ def _history(h: Any) -> LCAHistory:
     )
 
 
-def _per_param(h: LCAHistory, what: str) -> dict[str, np.ndarray]:
+def require_per_param(h: LCAHistory, what: str) -> dict[str, np.ndarray]:
+    """``h.per_param``, or a clear error naming ``what`` needs it."""
     if h.per_param is None:
         raise ValueError(
             f"`{what}` needs per-parameter LCA: run with the 'grad' engine (and "
@@ -40,13 +45,20 @@ def _per_param(h: LCAHistory, what: str) -> dict[str, np.ndarray]:
     return h.per_param
 
 
+
+def _check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"`level` must be one of {LEVELS}; got {level!r}.")
+
+
 class HelpingFractions(NamedTuple):
     """Fractions of parameters helping / hurting / not affecting the loss.
 
     Attributes:
       helping, hurting, zero: ``[T]`` over all parameters.
-      layer_names: the ``K`` leaves.
-      layer_helping, layer_hurting, layer_zero: ``[T, K]`` within each leaf.
+      layer_names: the ``M`` modules (or ``K`` leaves with ``level="leaf"``).
+      layer_helping, layer_hurting, layer_zero: ``[T, M]`` within each module (leaf).
+      iterations: ``[T]`` the training iteration of each row.
     """
 
     helping: np.ndarray
@@ -56,36 +68,45 @@ class HelpingFractions(NamedTuple):
     layer_helping: np.ndarray
     layer_hurting: np.ndarray
     layer_zero: np.ndarray
+    iterations: np.ndarray
 
 
-def helping_fraction(history: Any, *, zero_tol: float = 0.0) -> HelpingFractions:
+def helping_fraction(
+    history: Any, *, zero_tol: float = 0.0, level: str = "layer"
+) -> HelpingFractions:
     """Fraction of parameters with LCA ``< −zero_tol`` (helping), ``> zero_tol`` (hurting) or in
-    between (zero), per iteration and per leaf (seed 004 §3, Fig. 3, Table 1).
+    between (zero), per iteration and per module or leaf (Lan et al. 2019, §3, Fig. 3,
+    Table 1; the authors' code counts ``helped < 0``, i.e. ``zero_tol = 0``).
 
     Examples:
       >>> import numpy as np
       >>> from optax_layca.lca import LCAHistory
       >>> pp = {"w": np.array([[-1.0, 2.0, 0.0, -3.0]])}
-      >>> h = LCAHistory(("w",), np.array([[-2.0]]), *[np.zeros(1)] * 5, np.ones(1, int),
+      >>> h = LCAHistory(("w",), np.array([[-2.0]]), *[np.zeros(1)] * 5, np.full(1, 2),
       ...                np.ones(1, bool), per_param=pp)
       >>> f = helping_fraction(h)
       >>> f.helping.tolist(), f.hurting.tolist(), f.zero.tolist()
       ([0.5], [0.25], [0.25])
     """
-    h = _history(history)
-    pp = _per_param(h, "helping_fraction")
+    h = as_history(history)
+    pp = require_per_param(h, "helping_fraction")
+    _check_level(level)
     if zero_tol < 0:
         raise ValueError(f"`zero_tol` must be >= 0; got {zero_tol}.")
-    names = tuple(pp)
-    cnt = {k: [] for k in ("help", "hurt", "zero", "n")}
-    for name in names:
-        x = pp[name].reshape(pp[name].shape[0], -1)
-        hp, ht = (x < -zero_tol).sum(1), (x > zero_tol).sum(1)
-        cnt["help"].append(hp)
-        cnt["hurt"].append(ht)
-        cnt["zero"].append(x.shape[1] - hp - ht)
-        cnt["n"].append(np.full(x.shape[0], x.shape[1]))
-    arr = {k: np.stack(v, axis=1).astype(np.float64) for k, v in cnt.items()}
+    group = (lambda k: k) if level == "leaf" else module_path
+    names = tuple(dict.fromkeys(group(k) for k in pp))
+    cnt = {k: {n: 0 for n in names} for k in ("help", "hurt", "n")}
+    for leaf, v in pp.items():
+        x = v.reshape(v.shape[0], -1)
+        cnt["help"][group(leaf)] = cnt["help"][group(leaf)] + (x < -zero_tol).sum(1)
+        cnt["hurt"][group(leaf)] = cnt["hurt"][group(leaf)] + (x > zero_tol).sum(1)
+        cnt["n"][group(leaf)] = cnt["n"][group(leaf)] + x.shape[1]
+    t = len(h.total)
+    arr = {
+        k: np.stack([np.broadcast_to(np.asarray(c[n], np.float64), (t,)) for n in names], 1)
+        for k, c in cnt.items()
+    }
+    arr["zero"] = arr["n"] - arr["help"] - arr["hurt"]
     n = arr["n"].sum(1)
     return HelpingFractions(
         helping=arr["help"].sum(1) / n,
@@ -95,38 +116,52 @@ def helping_fraction(history: Any, *, zero_tol: float = 0.0) -> HelpingFractions
         layer_helping=arr["help"] / arr["n"],
         layer_hurting=arr["hurt"] / arr["n"],
         layer_zero=arr["zero"] / arr["n"],
+        iterations=h._iters(),
     )
 
 
 def fraction_of_iterations_helping(history: Any) -> dict[str, np.ndarray]:
-    """For every parameter, the fraction of iterations in which it helps (seed 004 Fig. 3d)."""
-    pp = _per_param(_history(history), "fraction_of_iterations_helping")
+    """For every parameter (by leaf), the fraction of iterations in which it helps (Lan et
+    al. 2019, Fig. 3d; the authors' code: ``(helped < 0).sum(axis=0)``, here divided by T)."""
+    pp = require_per_param(as_history(history), "fraction_of_iterations_helping")
     return {k: (v < 0).mean(axis=0) for k, v in pp.items()}
 
 
-def cumulative_per_layer(history: Any) -> dict[str, np.ndarray]:
-    """``{leaf: [T] cumulative LCA}`` — each leaf's own "loss curve"; the last value is the
-    leaf's total contribution (seed 004 §4: positive = the layer hurt overall).
+def cumulative_per_layer(history: Any, *, level: str = "layer") -> dict[str, np.ndarray]:
+    """``{module: [T] cumulative LCA}`` — each layer's own "loss curve"; the last value is the
+    layer's total contribution (Lan et al. 2019, §4: positive = the layer hurt overall).
+    ``level="leaf"`` gives the same per leaf.
 
     Examples:
       >>> import numpy as np
       >>> from optax_layca.lca import LCAHistory
-      >>> h = LCAHistory(("a", "b"), np.array([[-1.0, 0.5], [-2.0, 0.25]]), *[np.zeros(2)] * 5,
-      ...                np.ones(2, int), np.ones(2, bool))
+      >>> h = LCAHistory(("a/kernel", "a/bias", "b/kernel"),
+      ...                np.array([[-1.0, 0.25, 0.5], [-2.0, 0.0, 0.25]]), *[np.zeros(2)] * 5,
+      ...                np.full(2, 2), np.ones(2, bool))
       >>> {k: v.tolist() for k, v in cumulative_per_layer(h).items()}
-      {'a': [-1.0, -3.0], 'b': [0.5, 0.75]}
+      {'a': [-0.75, -2.75], 'b': [0.5, 0.75]}
     """
-    h = _history(history)
-    cum = np.cumsum(h.per_layer, axis=0)
-    return {n: cum[:, k] for k, n in enumerate(h.layer_names)}
+    h = as_history(history)
+    _check_level(level)
+    names, vals = (h.leaf_names, h.per_leaf) if level == "leaf" else (h.layer_names, h.per_layer)
+    cum = np.cumsum(vals, axis=0)
+    return {n: cum[:, k] for k, n in enumerate(names)}
 
 
 def per_neuron(history: Any, path: str, *, axis: int = -1) -> np.ndarray:
-    """``[T, units]`` LCA of leaf ``path`` summed over all axes but ``axis`` (default the
-    output units of a Flax kernel; ``axis=0`` groups a Dense kernel by input)."""
-    pp = _per_param(_history(history), "per_neuron")
+    """``[T, units]`` LCA per unit of a leaf or a module.
+
+    For a leaf ``path``: summed over all axes but ``axis`` (default the output units of a Flax
+    kernel; ``axis=0`` groups a Dense kernel by input). For a module ``path``: its kernel summed
+    over all but the last axis plus its 1-d leaves (bias) per unit — the authors'
+    ``get_neurons_plus_biases``.
+    """
+    pp = require_per_param(as_history(history), "per_neuron")
     if path not in pp:
-        raise ValueError(f"`path={path!r}` is not a parameter leaf; leaves: {list(pp)}.")
+        leaves = [k for k in pp if module_path(k) == path and k != path]
+        if not leaves:
+            raise ValueError(f"`path={path!r}` is neither a leaf nor a module; leaves: {list(pp)}.")
+        return sum(per_neuron(history, k) if pp[k].ndim > 2 else pp[k] for k in leaves)
     x = pp[path]
     if x.ndim < 2:
         raise ValueError(f"Leaf {path!r} is a scalar: it has no units.")
@@ -164,8 +199,6 @@ class Oscillations(NamedTuple):
 
 def motion_from_trajectory(trajectory: Sequence[Any]) -> dict[str, np.ndarray]:
     """``{path: [T, *leaf_shape]}`` parameter motion ``θ_{t+1} − θ_t`` of ``T + 1`` snapshots."""
-    from .._layers import path_str
-
     if len(trajectory) < 2:
         raise ValueError("`trajectory` needs at least 2 param snapshots.")
     flat = [
@@ -177,6 +210,13 @@ def motion_from_trajectory(trajectory: Sequence[Any]) -> dict[str, np.ndarray]:
 
 def oscillations(motion: Any, grad: Any) -> Oscillations:
     """How often each parameter's motion ``Δθ_t`` and gradient ``∇L(θ_t)`` change sign.
+
+    Lan et al. (2019, §3, Table S2) report "number of iterations per weight movement direction
+    change" and "number of iterations every time gradient crosses zero". Their code for it is
+    not public, so the pooling is ours: ``T · P / Σ_p changes_p`` (iterations per change over
+    all parameters pooled); a zero motion or gradient carries the previous sign (a frozen or
+    dead parameter does not oscillate). Averaging ``T / changes_p`` per parameter instead
+    weights rarely-changing parameters more and can differ by a factor ~2.
 
     Args:
       motion: pytree of ``[T, ...]`` arrays (``θ_{t+1} − θ_t`` stacked over iterations), e.g.
@@ -204,49 +244,11 @@ def oscillations(motion: Any, grad: Any) -> Oscillations:
     return Oscillations(mc, gc, per(mc, motion), per(gc, grad))
 
 
-class TailStats(NamedTuple):
-    """Per-iteration heavy-tail statistics of the per-parameter LCA (seed 004 §3, Fig. S10).
-
-    Attributes:
-      kurtosis: ``[T]`` excess kurtosis (0 for a Gaussian).
-      frac_beyond_3sigma: ``[T]`` fraction of parameters beyond 3σ (Gaussian: 0.0027).
-      tail_mass: ``[T]`` share of ``Σ|LCA − mean|`` from beyond 3σ (Gaussian: 0.0111).
-      tail_mass_ratio: ``tail_mass / 0.0111`` (the paper finds ≈ 3).
-    """
-
-    kurtosis: np.ndarray
-    frac_beyond_3sigma: np.ndarray
-    tail_mass: np.ndarray
-    tail_mass_ratio: np.ndarray
-
-
-def tail_heaviness(history: Any) -> TailStats:
-    """Tail statistics of each iteration's LCA values over all parameters vs a Gaussian.
-
-    ``history`` may also be a ``[T, P]`` array of per-parameter LCA.
-    """
-    if isinstance(history, np.ndarray):
-        x = np.asarray(history, np.float64).reshape(history.shape[0], -1)
-    else:
-        pp = _per_param(_history(history), "tail_heaviness")
-        x = np.concatenate([v.reshape(v.shape[0], -1) for v in pp.values()], axis=1)
-        x = x.astype(np.float64)
-    d = x - x.mean(axis=1, keepdims=True)
-    sd = d.std(axis=1, keepdims=True)
-    safe = np.where(sd > 0, sd, 1.0)
-    kurt = np.where(sd[:, 0] > 0, np.mean((d / safe) ** 4, axis=1) - 3.0, np.nan)
-    beyond = np.abs(d) > 3 * sd
-    absd = np.abs(d)
-    tot = absd.sum(1)
-    tail = np.where(tot > 0, (absd * beyond).sum(1) / np.where(tot > 0, tot, 1.0), np.nan)
-    return TailStats(kurt, beyond.mean(1), tail, tail / GAUSSIAN_TAIL_MASS_3SIGMA)
-
-
 class Moments(NamedTuple):
-    """Moments of learning (seed 004 §5, Fig. 6, S17).
+    """Moments of learning (Lan et al. 2019, §5, Fig. 6, S17).
 
     Attributes:
-      moments: ``[T, K]`` bool (``[C, T, K]`` per class): the top-k local minima per curve.
+      moments: ``[T, M]`` bool (``[C, T, M]`` per class): the top-k local minima per curve.
       synchronized: same shape: moments shared with at least one other layer at that iteration.
       num_synchronized: number of synchronized moments (summed over classes).
       baseline: ``[num_shuffles]`` the same count when every layer is shifted by a random
@@ -299,28 +301,42 @@ def _shift(col: np.ndarray, s: int) -> np.ndarray:
 
 
 def moments_of_learning(
-    curves: Any, *, k: int | None = 20, num_shuffles: int = 200, seed: int = 0
+    curves: Any,
+    *,
+    k: int | None = 20,
+    num_shuffles: int = 200,
+    seed: int = 0,
+    level: str = "layer",
 ) -> Moments:
     """Moments of learning and their synchronization across layers, with the shift baseline.
 
-    A moment is a local minimum of a layer's (or a class's per-layer) LCA curve — an iteration
-    where that layer helped more than on the iterations before and after — keeping the ``k``
-    largest in magnitude per curve. It is *synchronized* when another layer has a moment at
-    the same iteration. The baseline shifts each layer's moments by a random ±1 or ±2
-    iterations (per class independently) and recounts.
+    A moment is a negative local minimum of a layer's (or a class's per-layer) LCA curve — an
+    iteration where that layer helped more than on the iterations before and after (Lan et al.
+    2019, §5) — keeping the ``k`` largest in magnitude per curve (paper: 20). It is
+    *synchronized* when another layer has a moment at the same iteration. The baseline shifts
+    each layer's moments by a random ±1 or ±2 iterations (per class independently) and recounts
+    (§5: "randomly shifted to one or two iterations earlier or later"). The authors' code for
+    this is not public; a *layer* here is a module (kernel and bias together), so a bias never
+    counts as a layer synchronised with its own kernel.
 
     Args:
-      curves: an ``LCAHistory`` (uses ``per_class`` when present, else ``per_layer``), or an
-        array ``[T, K]`` (per layer) or ``[T, C, K]`` (per class per layer).
+      curves: an ``LCAHistory`` (uses ``per_class`` when present, else ``per_layer``; with
+        ``level="leaf"`` their per-leaf versions), or an array ``[T, M]`` (per layer) or
+        ``[T, C, M]`` (per class per layer).
       k: moments kept per curve (None: all).
       num_shuffles: baseline draws.
       seed: random seed of the baseline.
+      level: ``"layer"`` (modules) or ``"leaf"``, for an ``LCAHistory``.
     """
     if isinstance(curves, (LCAHistory, LCAResult)) or (
         isinstance(curves, Sequence) and curves and isinstance(curves[0], LCAResult)
     ):
-        h = _history(curves)
-        arr = h.per_class if h.per_class is not None else h.per_layer
+        h = as_history(curves)
+        _check_level(level)
+        if level == "leaf":
+            arr = h.per_class_leaf if h.per_class_leaf is not None else h.per_leaf
+        else:
+            arr = h.per_class if h.per_class is not None else h.per_layer
     else:
         arr = np.asarray(curves, np.float64)
     if arr.ndim == 2:
@@ -329,6 +345,8 @@ def moments_of_learning(
         arr3 = arr
     else:
         raise ValueError(f"`curves` must be [T, K] or [T, C, K]; got shape {arr.shape}.")
+    if arr3.shape[2] == 0:
+        raise ValueError("`curves` has no layer (its last axis is empty): nothing to compare.")
     per_class = [local_minima(arr3[:, c, :], k) for c in range(arr3.shape[1])]
     moments = np.stack(per_class)  # [C, T, K]
     sync = np.stack([_synchronized(m) for m in moments])
@@ -357,40 +375,38 @@ class ErrorRow(NamedTuple):
 
 
 def error_table(runs: Mapping[str, Mapping[str, Any]]) -> tuple[list[ErrorRow], str]:
-    """First-order vs RK4 error table in the format of seed 004 Table S1.
+    """First-order vs RK4 error table in the format of Lan et al. (2019), Table S1.
 
     Args:
       runs: ``{name: {"rk4": history, "first_order": history}}`` of the same trajectory.
 
     Returns:
-      ``(rows, markdown)``: total error as % of the total loss change, and the mean absolute
-      per-iteration error, for both methods.
+      ``(rows, markdown)``: total error ``Σ (ΔL − Σ LCA)`` as % of the total loss change
+      (``LCAHistory.summary``; the authors' sign, so a first-order allocation that overshoots a
+      decreasing loss is negative, as in Table S1), and the mean absolute per-iteration error,
+      for both methods.
 
     Examples:
       >>> import numpy as np
       >>> from optax_layca.lca import LCAHistory
       >>> mk = lambda err: LCAHistory(("w",), np.zeros((2, 1)), np.zeros(2), np.array([-1.0, -1.0]),
-      ...     np.zeros(2), np.zeros(2), np.array(err), np.ones(2, int), np.ones(2, bool))
-      >>> rows, md = error_table({"toy": {"rk4": mk([1e-4, -1e-4]), "first_order": mk([-0.5, -0.3])}})
+      ...     np.zeros(2), np.zeros(2), np.array(err), np.full(2, 2), np.ones(2, bool))
+      >>> rows, md = error_table({"toy": {"rk4": mk([1e-4, -1e-4]), "first_order": mk([0.5, 0.3])}})
       >>> round(rows[0].total_error_fo_pct, 4), round(rows[0].mean_iteration_error_fo, 4)
-      (40.0, 0.4)
+      (-40.0, 0.4)
     """
     rows = []
     for name, pair in runs.items():
         missing = {"rk4", "first_order"} - set(pair)
         if missing:
             raise ValueError(f"`runs[{name!r}]` lacks {sorted(missing)}.")
-        r, f = _history(pair["rk4"]), _history(pair["first_order"])
-
-        def pct(h):
-            ch = float(np.sum(h.loss_change))
-            return 100.0 * float(np.sum(h.error)) / ch if ch else float("nan")
+        r, f = as_history(pair["rk4"]), as_history(pair["first_order"])
 
         rows.append(
             ErrorRow(
                 name,
-                pct(r),
-                pct(f),
+                r.summary()["cumulative_error_pct"],
+                f.summary()["cumulative_error_pct"],
                 float(np.mean(np.abs(r.error))),
                 float(np.mean(np.abs(f.error))),
             )

@@ -1,84 +1,62 @@
 """LCA over a training run: a recorder for the training loop, an offline driver over a saved
-trajectory, and crash-safe chunked storage.
-
-Storage format — ``.npz`` chunks with atomic rename (chosen over Orbax):
-
-* a record per iteration is small (per-leaf LCA, scalars, optionally per-class and the
-  per-parameter LCA ≈ the size of the params), host-side numpy, never sharded: Orbax's strengths
-  (async sharded checkpoints of device arrays, one directory per step with metadata trees) buy
-  nothing here and cost a directory per iteration plus a heavy dependency at read time;
-* an ``.npz`` needs numpy only, so a finished run can be read anywhere (a notebook, a CPU box);
-* crash safety comes from POSIX ``os.replace``: every file is written to ``*.tmp`` and renamed,
-  so a file either exists complete or not at all. Each iteration is written at once to
-  ``pending/it_XXXXXXXX.npz``; every ``chunk_size`` iterations the pending records are merged
-  into ``chunk_XXXXXXXX_YYYYYYYY.npz`` (atomic) and only then deleted. After a crash at any
-  point, re-opening the directory finds every finished iteration (in a chunk or pending; a
-  pending record duplicated by a chunk is dropped) and resumes at the first missing one: no
-  iteration is lost and none is recomputed.
-* ``meta.json`` holds the leaf names and settings; re-opening with different ones raises.
-"""
+trajectory, and the reader of a stored run (storage format: :mod:`._storage`)."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
+import socket
+import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from .._layers import path_str
-from ._evaluate import make_evaluator
-from ._integrate import Stepper, check_params, resolve_options
+from ._evaluate import hash_tree
+from ._integrate import Stepper, check_params, make_evaluators
+from ._options import LCAOptions, resolve
 from ._result import LCAHistory, LCAResult
+from ._storage import SCALARS, LCAStorageError, Store, identity_diff, read_run
 
-_SCALARS = ("total", "loss_change", "loss_before", "loss_after", "error", "num_splits", "converged")
-_CHUNK = re.compile(r"chunk_(\d{8})_(\d{8})\.npz$")
-_PENDING = re.compile(r"it_(\d{8})\.npz$")
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# A resumed run re-evaluates the loss where the stored run stopped; the same loss on the same
+# parameters and data agrees to float32 reduction-order noise (different device counts sum
+# in different orders: a few ulps, ~1e-7 relative), far below what changing the loss does.
+RESUME_LOSS_RTOL = 1e-6
 
 
-def _record(
-    result: LCAResult, iteration: int, store_per_param: bool, store_grads: bool = False
-) -> dict[str, np.ndarray]:
-    rec = {
-        "iteration": np.asarray(iteration, np.int64),
-        "per_layer": np.asarray([result.per_layer[n] for n in result.layer_names], np.float64),
-    }
-    for k in _SCALARS:
-        rec[k] = np.asarray(getattr(result, k))
-    if result.per_class is not None:
-        rec["per_class"] = np.asarray(result.per_class, np.float64)
-        rec["class_loss_change"] = np.asarray(result.class_loss_change, np.float64)
-    if store_grads:
-        if result.grad_before is None:
-            raise ValueError("`store_grads=True` needs the 'grad' engine.")
-        for i, x in enumerate(jax.tree.leaves(jax.device_get(result.grad_before))):
-            rec[f"gr{i}"] = np.asarray(x)
-    if store_per_param:
-        if result.per_param is None:
-            raise ValueError("`store_per_param=True` needs the 'grad' engine.")
-        for i, x in enumerate(jax.tree.leaves(jax.device_get(result.per_param))):
-            rec[f"pp{i}"] = np.asarray(x)
+def params_hash(params: Any) -> str:
+    return hash_tree(params).hexdigest()
+
+
+def _record_of(result: LCAResult, prefix: str, store_per_param: bool, store_grads: bool):
+    rec = {prefix + "per_leaf": np.asarray([result.per_leaf[n] for n in result.leaf_names])}
+    for k in SCALARS:
+        rec[prefix + k] = np.asarray(getattr(result, k))
+    if result.per_class_leaf is not None:
+        rec[prefix + "per_class_leaf"] = np.asarray(result.per_class_leaf, np.float64)
+        rec[prefix + "class_loss_change"] = np.asarray(result.class_loss_change, np.float64)
+    for flag, field, tag in (
+        (store_grads, "grad_before", "gr"),
+        (store_per_param, "per_param", "pp"),
+    ):
+        if not flag:
+            continue
+        tree = getattr(result, field)
+        if tree is None:
+            raise ValueError(
+                f"`store_{'grads' if tag == 'gr' else 'per_param'}=True` needs the 'grad' engine."
+            )
+        for i, x in enumerate(jax.tree.leaves(jax.device_get(tree))):
+            rec[f"{prefix}{tag}{i}"] = np.asarray(x)
     return rec
 
 
 def history_from_records(
-    records: Sequence[dict], layer_names: Sequence[str], method: str = "rk4"
+    records: Sequence[dict], leaf_names: Sequence[str], method: str = "rk4", prefix: str = ""
 ) -> LCAHistory:
     """Builds an :class:`LCAHistory` from per-iteration records (dicts of arrays)."""
-    names = tuple(layer_names)
+    names = tuple(leaf_names)
     if not records:
         z = np.zeros((0,))
         return LCAHistory(
@@ -91,112 +69,43 @@ def history_from_records(
             z,
             z.astype(int),
             z.astype(bool),
+            noise_floor=z,
             iterations=z.astype(int),
             method=method,
         )
-    stack = lambda k: np.stack([np.asarray(r[k]) for r in records])
+    stack = lambda k: np.stack([np.asarray(r[prefix + k]) for r in records])
+    first = records[0]
 
-    def keyed(prefix):
-        keys = sorted((k for k in records[0] if k.startswith(prefix)), key=lambda k: int(k[2:]))
-        return {names[int(k[2:])]: stack(k) for k in keys} or None
+    def keyed(tag):
+        keys = sorted(
+            (
+                k[len(prefix) + 2 :]
+                for k in first
+                if k.startswith(prefix + tag) and k[len(prefix) + 2 :].isdigit()
+            ),
+            key=int,
+        )
+        return {names[int(i)]: stack(tag + i) for i in keys} or None
 
+    has_classes = prefix + "per_class_leaf" in first
+    test = None
+    if not prefix and "test_total" in first:
+        test = history_from_records(records, names, method, prefix="test_")
     return LCAHistory(
-        layer_names=names,
-        per_layer=stack("per_layer"),
-        total=stack("total").astype(np.float64),
-        loss_change=stack("loss_change").astype(np.float64),
-        loss_before=stack("loss_before").astype(np.float64),
-        loss_after=stack("loss_after").astype(np.float64),
-        error=stack("error").astype(np.float64),
+        leaf_names=names,
+        per_leaf=stack("per_leaf").astype(np.float64),
+        **{k: stack(k).astype(np.float64) for k in SCALARS[:5]},
         num_splits=stack("num_splits").astype(np.int64),
         converged=stack("converged").astype(bool),
-        per_class=stack("per_class") if "per_class" in records[0] else None,
-        class_loss_change=stack("class_loss_change") if "per_class" in records[0] else None,
+        noise_floor=stack("noise_floor").astype(np.float64),
+        per_class_leaf=stack("per_class_leaf") if has_classes else None,
+        class_loss_change=stack("class_loss_change") if has_classes else None,
         per_param=keyed("pp"),
         grad_before=keyed("gr"),
-        iterations=stack("iteration").astype(np.int64),
+        iterations=np.asarray([int(r["iteration"]) for r in records], np.int64),
         method=method,
+        test=test,
     )
-
-
-class _Store:
-    """Chunked, crash-safe storage of per-iteration records (see the module docstring)."""
-
-    def __init__(self, directory: str | os.PathLike, meta: dict, chunk_size: int):
-        self.dir = Path(directory)
-        self.pending_dir = self.dir / "pending"
-        self.pending_dir.mkdir(parents=True, exist_ok=True)
-        self.chunk_size = chunk_size
-        meta_path = self.dir / "meta.json"
-        if meta_path.exists():
-            old = json.loads(meta_path.read_text())
-            if old != meta:
-                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-                raise ValueError(
-                    f"`directory={str(self.dir)!r}` holds an LCA run with different settings "
-                    f"({', '.join(diff)}); use a new directory."
-                )
-        else:
-            meta_path.with_name("meta.json.tmp").write_text(json.dumps(meta, indent=1))
-            os.replace(meta_path.with_name("meta.json.tmp"), meta_path)
-        self.meta = meta
-        for tmp in list(self.dir.glob("*.tmp")) + list(self.pending_dir.glob("*.tmp")):
-            tmp.unlink()  # half-written by a crash
-        self.chunks = sorted(
-            (int(m[1]), int(m[2]), p) for p in self.dir.iterdir() if (m := _CHUNK.match(p.name))
-        )
-        in_chunks = set()
-        for a, b, _ in self.chunks:
-            in_chunks.update(range(a, b))
-        self.pending: dict[int, Path] = {}
-        for p in self.pending_dir.iterdir():
-            m = _PENDING.match(p.name)
-            if not m:
-                continue
-            t = int(m[1])
-            if t in in_chunks:
-                p.unlink()  # merged into a chunk just before a crash
-            else:
-                self.pending[t] = p
-        done = in_chunks | set(self.pending)
-        n = 0
-        while n in done:
-            n += 1
-        self.num_recorded = n
-
-    def add(self, record: dict) -> None:
-        t = int(record["iteration"])
-        path = self.pending_dir / f"it_{t:08d}.npz"
-        _atomic_savez(path, record)
-        self.pending[t] = path
-        self.num_recorded = max(self.num_recorded, t + 1)
-        if len(self.pending) >= self.chunk_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        its = sorted(self.pending)
-        recs = [dict(np.load(self.pending[t])) for t in its]
-        arrays = {k: np.stack([r[k] for r in recs]) for k in recs[0]}
-        a, b = its[0], its[-1] + 1
-        path = self.dir / f"chunk_{a:08d}_{b:08d}.npz"
-        _atomic_savez(path, arrays)
-        self.chunks.append((a, b, path))
-        for t in its:
-            self.pending.pop(t).unlink()
-
-    def records(self) -> list[dict]:
-        out = {}
-        for _, _, path in self.chunks:
-            with np.load(path) as z:
-                arrays = {k: z[k] for k in z.files}
-            for i, t in enumerate(arrays["iteration"]):
-                out[int(t)] = {k: v[i] for k, v in arrays.items()}
-        for t, path in self.pending.items():
-            with np.load(path) as z:
-                out[t] = {k: z[k] for k in z.files}
-        return [out[t] for t in sorted(out)]
 
 
 class LCARecorder:
@@ -204,19 +113,25 @@ class LCARecorder:
 
     The full-dataset gradient at the end of step ``t`` is the start of step ``t + 1``, so RK4 with
     the ``grad`` engine costs about two full-dataset passes per step. With ``directory`` every
-    iteration is saved at once (crash-safe, see the module docstring) and re-creating the
-    recorder on the same directory resumes: :attr:`num_recorded` is the first missing iteration.
+    iteration is saved at once (crash-safe, verified on read, see :mod:`._storage`) and
+    re-creating the recorder on the same directory resumes: :attr:`num_recorded` is the first
+    missing iteration. The directory is locked while the recorder is open (one writer; a lock
+    left by a killed process is taken over with a warning); :meth:`close` it, or use it as a
+    context manager. Resuming checks that it is the same run: the manifest (initial params,
+    data, loss options, integration settings), the parameters where the run resumes (hash
+    chain of the stored steps) and the loss there.
 
     Args:
-      loss_fn, data: as in :func:`~optax_layca.lca.allocate` (``data`` may be an Evaluator).
+      loss_fn, data, labels, test_data, test_labels: as in :func:`~optax_layca.lca.allocate`
+        (``data``/``test_data`` may be :class:`~optax_layca.lca.Evaluator`\\ s).
       directory: where to store records (None: kept in memory only).
       chunk_size: iterations per chunk file.
       store_per_param: also store the per-parameter LCA (≈ params size per iteration).
       store_grads: also store the full-dataset gradient at the start of each step (for
         :func:`~optax_layca.lca.oscillations`; ≈ params size per iteration).
-      keep_results: keep the returned ``LCAResult``s in :attr:`results` (memory).
-      **kwargs: ``method``, ``tol``, ``max_splits``, ``engines``, ``labels``, ``class_fn``,
-        ``num_classes``, ``class_strategy``, ``batch_size`` as in ``allocate``.
+      keep_results: keep the returned ``LCAResult``\\ s in :attr:`results` (memory).
+      options: an :class:`~optax_layca.lca.LCAOptions`.
+      **overrides: any of its fields, overriding ``options``.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -228,106 +143,187 @@ class LCARecorder:
       ...     w = w - 0.5 * jax.grad(lambda w: jnp.mean((w * x - 0.5) ** 2))(w)
       ...     _ = rec(w)
       >>> h = rec.history()
-      >>> np.allclose(h.total, h.loss_change, atol=1e-6), rec.evaluator.num_evaluations
+      >>> bool(np.all(np.abs(h.error) <= 1e-6)), rec.evaluator.num_evaluations
       (True, 7)
     """
 
     def __init__(
         self,
-        loss_fn: Callable[[Any, Any], Any],
+        loss_fn: Callable[[Any, Any], Any] | None,
         data: Any,
         *,
+        labels: Any = None,
+        test_data: Any = None,
+        test_labels: Any = None,
         directory: str | os.PathLike | None = None,
         chunk_size: int = 100,
         store_per_param: bool = False,
         store_grads: bool = False,
         keep_results: bool = False,
-        method: str = "rk4",
-        tol: float = 1e-3,
-        max_splits: int = 32,
-        engines: str | Sequence[str] = ("grad",),
-        labels: Any = None,
-        class_fn: Callable[[Any], Any] | None = None,
-        num_classes: int | None = None,
-        class_strategy: str = "auto",
-        batch_size: int | None = None,
+        options: LCAOptions | None = None,
+        **overrides: Any,
     ):
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive int; got {chunk_size!r}.")
-        self.evaluator = make_evaluator(loss_fn, data, batch_size, labels, class_fn, num_classes)
-        self._settings = {
-            "method": method,
-            "tol": tol,
-            "max_splits": max_splits,
-            "engines": engines,
-            "class_strategy": class_strategy,
-        }
-        resolve_options(method, tol, max_splits, engines, class_strategy, 1, 0)  # validate early
-        self.directory = directory
-        self.chunk_size = chunk_size
-        self.store_per_param = store_per_param
-        self.store_grads = store_grads
+        self.options = resolve(options, overrides, "LCARecorder")
+        self.evaluators = make_evaluators(
+            loss_fn, data, labels, test_data, test_labels, self.options
+        )
+        self.evaluator = self.evaluators[0]
+        self.store_per_param, self.store_grads = bool(store_per_param), bool(store_grads)
         self.keep_results = keep_results
         self.results: list[LCAResult] = []
         self._memory: list[dict] = []
-        self._store: _Store | None = None
         self._stepper: Stepper | None = None
-        self._prev = None
-        self.iteration = None
-        self.layer_names: tuple[str, ...] | None = None
-        if directory is not None and (Path(directory) / "meta.json").exists():
-            meta = json.loads((Path(directory) / "meta.json").read_text())
-            self.layer_names = tuple(meta["layer_names"])
-            self._open_store(meta)
+        self._prev = self._prev_hash = None
+        self._check_loss_at: int | None = None
+        self.iteration: int | None = None
+        self._store = Store(directory, chunk_size) if directory is not None else None
+        self.leaf_names: tuple[str, ...] | None = None
+        if self._store is not None and self._store.manifest is not None:
+            self.leaf_names = tuple(self._store.manifest["identity"]["params"]["leaf_names"])
 
-    def _meta(self, params) -> dict:
+    # ------------------------------------------------------------------ identity
+
+    def _identity(self, params: Any, init_hash: str | None) -> dict:
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        o = self.options
+        strategies = [t.strategy for t in self._stepper.tracks]
+        evs = self.evaluators
         return {
-            "format": "optax_layca.lca/1",
-            "layer_names": [path_str(p) for p, _ in leaves],
-            "shapes": [list(np.shape(x)) for _, x in leaves],
-            "method": self._settings["method"],
-            "tol": float(self._settings["tol"]),
-            "max_splits": int(self._settings["max_splits"]),
-            "engines": sorted(
-                [self._settings["engines"]]
-                if isinstance(self._settings["engines"], str)
-                else self._settings["engines"]
-            ),
-            "num_classes": int(self.evaluator.num_classes),
-            "store_per_param": bool(self.store_per_param),
-            "store_grads": bool(self.store_grads),
+            "params": {
+                "leaf_names": [path_str(p) for p, _ in leaves],
+                "shapes": [list(np.shape(x)) for _, x in leaves],
+                "dtypes": [np.dtype(jax.numpy.result_type(x)).str for _, x in leaves],
+                "init_hash": init_hash,
+            },
+            "data": {
+                "train": evs[0].fingerprint(),
+                "test": evs[1].fingerprint() if len(evs) > 1 else None,
+            },
+            "loss": {
+                "engines": list(o.engines),
+                "batch_size": [ev.requested_batch_size for ev in evs],
+                "bn_mode": [ev.bn_mode for ev in evs],
+                "num_classes": [ev.num_classes for ev in evs],
+                "class_strategy": strategies,
+            },
+            "integration": {
+                "method": o.method,
+                "tol": o.tol,
+                "max_splits": o.max_splits,
+                "refine_on_test": o.refine_on_test,
+            },
+            "storage": {"store_per_param": self.store_per_param, "store_grads": self.store_grads},
         }
 
-    def _open_store(self, meta):
-        self._store = _Store(self.directory, meta, self.chunk_size)
+    def _open_run(self, params: Any, iteration: int, h: str) -> None:
+        store = self._store
+        ident = self._identity(params, h if iteration == 0 else None)
+        if store.manifest is None:
+            if iteration:
+                raise ValueError(
+                    f"`start(iteration={iteration})`: {str(store.dir)!r} holds no run yet; "
+                    "start at iteration 0."
+                )
+            info = {
+                "loss_fn": getattr(
+                    self.evaluator.loss_fn, "__qualname__", repr(self.evaluator.loss_fn)
+                ),
+                "host": socket.gethostname(),
+                "created": time.time(),
+            }
+            store.create(ident, info)
+            return
+        old = store.manifest["identity"]
+        if iteration:
+            ident["params"]["init_hash"] = old["params"].get("init_hash")
+        diff = identity_diff(old, ident)
+        if diff:
+            raise LCAStorageError(
+                f"`directory={str(store.dir)!r}` holds a different LCA run: it differs in "
+                f"{', '.join(diff)}. Use a new directory (or the original run's settings)."
+            )
+        self._check_chain(iteration, h)
+
+    def _check_chain(self, iteration: int, h: str) -> None:
+        n = self.num_recorded
+        if iteration > n:
+            raise ValueError(
+                f"`start(iteration={iteration})` would skip iterations {n}…{iteration - 1}, "
+                f"which are not recorded; restart from iteration <= {n}."
+            )
+        if iteration and str(self._store.index[iteration - 1]["params_after"]) != h:
+            raise LCAStorageError(
+                f"`start(params, iteration={iteration})`: these params are not the ones the "
+                f"stored run reached after iteration {iteration - 1} (another seed, data order "
+                "or checkpoint?). Use a new directory."
+            )
+        if iteration == n and iteration:
+            self._check_loss_at = iteration
+
+    def check_initial_params(self, params: Any) -> None:
+        """Raises unless ``params`` are the stored run's initial parameters (``θ_0``)."""
+        if self._store is None or self._store.manifest is None:
+            return
+        stored = self._store.manifest["identity"]["params"].get("init_hash")
+        if stored != params_hash(params):
+            raise LCAStorageError(
+                f"`directory={str(self._store.dir)!r}` holds a different LCA run: it differs in "
+                "params.init_hash (another initialisation). Use a new directory."
+            )
+
+    # ------------------------------------------------------------------ recording
 
     @property
     def num_recorded(self) -> int:
         """Iterations ``0 … num_recorded − 1`` are stored; the next one to compute."""
         if self._store is not None:
             return self._store.num_recorded
-        return int(self._memory[-1]["iteration"]) + 1 if self._memory else 0
+        return len(self._memory)
 
     def start(self, params: Any, iteration: int = 0) -> None:
         """Sets the params *before* step ``iteration`` (the initial params, or a checkpoint's)."""
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"`start(iteration=...)` must be an int >= 0; got {iteration!r}.")
+        for ev in self.evaluators:
+            ev.prepare(params)
         names = tuple(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-        meta = self._meta(params)
-        if self.directory is not None and (self._store is None or self._store.meta != meta):
-            self._open_store(meta)
-        if self._store is not None and iteration > self.num_recorded:
+        self._stepper = Stepper(self.evaluators, self.options, len(names))
+        h = self._hash(params)
+        if self._store is not None:
+            self._open_run(params, iteration, h)
+        elif iteration > self.num_recorded:
             raise ValueError(
                 f"`start(iteration={iteration})` would skip iterations {self.num_recorded}…"
                 f"{iteration - 1}, which are not recorded; restart from iteration "
                 f"<= {self.num_recorded}."
             )
-        self.layer_names = names
-        opts = resolve_options(
-            **self._settings, num_leaves=len(names), num_classes=self.evaluator.num_classes
-        )
-        self._stepper = Stepper(self.evaluator, opts)
-        self._prev = params
-        self.iteration = int(iteration)
+        self.leaf_names = names
+        self._prev, self._prev_hash, self.iteration = params, h, iteration
+
+    def _hash(self, params: Any) -> str:
+        """Hash of ``params`` (ties stored records into a chain); not needed in memory."""
+        return params_hash(params) if self._store is not None else ""
+
+    def _replay(self, t: int, h: str) -> None:
+        if self._store is not None and str(self._store.index[t]["params_after"]) != h:
+            raise LCAStorageError(
+                f"The params after iteration {t} differ from the stored run's (another seed or "
+                "data order?); its records would not describe this trajectory."
+            )
+        self._stepper.reset()  # the start of the next step is not cached
+
+    def _check_resumed_loss(self, t: int, result: LCAResult) -> None:
+        stored = float(self._store.index[t - 1]["loss_after"])
+        tol = RESUME_LOSS_RTOL * abs(stored) + 2 * float(result.noise_floor)
+        if abs(float(result.loss_before) - stored) > tol:
+            raise LCAStorageError(
+                f"Resumed at iteration {t}: the loss there is {float(result.loss_before)!r} but "
+                f"the stored run ended iteration {t - 1} at {stored!r} (same params and data, so "
+                "`loss_fn` differs). Use a new directory."
+            )
+        self._check_loss_at = None
 
     def __call__(self, params: Any) -> LCAResult | None:
         """Allocates step ``iteration`` (previous params → ``params``) and advances.
@@ -338,46 +334,76 @@ class LCARecorder:
         if self._stepper is None:
             raise ValueError("Call `recorder.start(initial_params)` before recording steps.")
         check_params(self._prev, params)
-        t = self.iteration
+        t, h = self.iteration, self._hash(params)
         result = None
         if t < self.num_recorded:
-            self._stepper.reset()  # start of the next step is not cached
+            self._replay(t, h)
         else:
             result = self._stepper.step(self._prev, params, keep_end=True)
-            rec = _record(result, t, self.store_per_param, self.store_grads)
-            if self._store is not None:
-                self._store.add(rec)
-            else:
-                self._memory.append(rec)
-            if self.keep_results:
-                self.results.append(result)
-        self._prev = params
-        self.iteration = t + 1
+            if self._check_loss_at == t:
+                self._check_resumed_loss(t, result)
+            self._save(result, t, h)
+        self._prev, self._prev_hash, self.iteration = params, h, t + 1
         return result
+
+    def _save(self, result: LCAResult, t: int, h: str) -> None:
+        rec = {
+            "iteration": np.asarray(t, np.int64),
+            "params_before": np.asarray(self._prev_hash),
+            "params_after": np.asarray(h),
+        }
+        rec.update(_record_of(result, "", self.store_per_param, self.store_grads))
+        if result.test is not None:
+            rec.update(_record_of(result.test, "test_", self.store_per_param, False))
+        if self._store is not None:
+            self._store.add(rec)
+        else:
+            self._memory.append(rec)
+        if self.keep_results:
+            self.results.append(result)
 
     def flush(self) -> None:
         """Merges pending per-iteration files into a chunk (also done every ``chunk_size``)."""
         if self._store is not None:
             self._store.flush()
 
+    def close(self) -> None:
+        """Flushes and releases the directory's lock."""
+        if self._store is not None:
+            self._store.flush()
+            self._store.close()
+
+    def __enter__(self) -> LCARecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def history(self) -> LCAHistory:
         """Every recorded iteration (disk and memory) as an :class:`LCAHistory`."""
-        records = self._store.records() if self._store is not None else list(self._memory)
-        return history_from_records(records, self.layer_names or (), self._settings["method"])
+        if self._store is not None and self._store.manifest is not None:
+            return load_trajectory(self._store.dir)
+        method = self.options.method
+        return history_from_records(list(self._memory), self.leaf_names or (), method)
 
 
 def load_trajectory(directory: str | os.PathLike) -> LCAHistory:
-    """Reads a run stored by :class:`LCARecorder` / :func:`allocate_trajectory`."""
-    meta_path = Path(directory) / "meta.json"
-    if not meta_path.exists():
-        raise ValueError(f"`directory={str(directory)!r}` holds no LCA run (no meta.json).")
-    meta = json.loads(meta_path.read_text())
-    store = _Store(directory, meta, chunk_size=1 << 30)
-    return history_from_records(store.records(), meta["layer_names"], meta["method"])
+    """Reads a run stored by :class:`LCARecorder` / :func:`allocate_trajectory`.
+
+    Read-only (works on a read-only copy, never disturbs a live writer) and verified: every
+    iteration ``0 … T−1`` present once, each file's contents matching its name and the run's
+    manifest, consecutive steps chained; otherwise :class:`~optax_layca.lca.LCAStorageError`
+    names the file and what is wrong.
+    """
+    manifest, records = read_run(directory)
+    ident = manifest["identity"]
+    return history_from_records(
+        records, ident["params"]["leaf_names"], ident["integration"]["method"]
+    )
 
 
 def allocate_trajectory(
-    loss_fn: Callable[[Any, Any], Any],
+    loss_fn: Callable[[Any, Any], Any] | None,
     trajectory: Sequence[Any],
     data: Any,
     *,
@@ -393,8 +419,8 @@ def allocate_trajectory(
         ``__len__`` and ``__getitem__``, e.g. one that loads checkpoint ``t`` from disk).
       directory: storage directory; an interrupted run resumes at its first missing iteration.
       progress: show a tqdm progress bar when tqdm is installed.
-      **kwargs: passed to :class:`LCARecorder` (``method``, ``tol``, ``engines``, ``labels``,
-        ``chunk_size``, ``store_per_param``, …).
+      **kwargs: passed to :class:`LCARecorder` (``labels``, ``test_data``, ``chunk_size``,
+        ``store_per_param``, ``options`` and any :class:`LCAOptions` field).
 
     Returns:
       The :class:`LCAHistory` of all ``T`` steps.
@@ -403,18 +429,22 @@ def allocate_trajectory(
     if n < 2:
         raise ValueError(f"`trajectory` needs at least 2 param snapshots; got {n}.")
     rec = LCARecorder(loss_fn, data, directory=directory, **kwargs)
-    first = rec.num_recorded if directory is not None else 0
-    first = min(first, n - 1)
-    rec.start(trajectory[first], iteration=first)
-    steps = range(first + 1, n)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
+    try:
+        first = min(rec.num_recorded, n - 1)
+        if first:
+            rec.check_initial_params(trajectory[0])
+        rec.start(trajectory[first], iteration=first)
+        steps = range(first + 1, n)
+        if progress:
+            try:
+                from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="LCA", initial=first, total=n - 1)
-        except ImportError:  # optional dependency
-            pass
-    for t in steps:
-        rec(trajectory[t])
-    rec.flush()
-    return rec.history()
+                steps = tqdm(steps, desc="LCA", initial=first, total=n - 1)
+            except ImportError:  # optional dependency
+                pass
+        for t in steps:
+            rec(trajectory[t])
+        rec.flush()
+        return rec.history()
+    finally:
+        rec.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import depth_colors, figure_axes, ordered_layers
+from ._common import depth_colorbar, depth_colors, entries, figure_axes, ordered_layers, short_name
 
 __all__ = [
     "convergence_rates_figure",
@@ -41,11 +41,7 @@ def _history(obj: Any, where: str):
 
 def _lines(values: np.ndarray, path: str) -> list[tuple[str, np.ndarray]]:
     """One series per layer; vector figures (stacked layers, units) give one line per entry."""
-    values = np.asarray(values)
-    if values.ndim == 1:
-        return [(path, values)]
-    flat = values.reshape(values.shape[0], -1)
-    return [(f"{path}[{i}]", flat[:, i]) for i in range(flat.shape[1])]
+    return entries(np.moveaxis(np.asarray(values), 0, -1), path, tail=1)
 
 
 def _x_axis(hist, x: str, steps_per_epoch: int | None = None):
@@ -74,18 +70,7 @@ def _plot_layers(ax, x, series: list[tuple[str, np.ndarray]], log_x: bool, legen
 
 def _depth_colorbar(fig, axes, n: int) -> None:
     """One discrete colour per layer (the lines' viridis), ticks at the layer depths."""
-    import matplotlib as mpl
-
-    cmap = mpl.colors.ListedColormap(depth_colors(n))
-    norm = mpl.colors.BoundaryNorm(np.arange(n + 1) - 0.5, n)
-    bar = fig.colorbar(
-        mpl.cm.ScalarMappable(cmap=cmap, norm=norm),
-        ax=axes,
-        fraction=0.03,
-        pad=0.02,
-        ticks=range(n),
-    )
-    bar.set_label("layer depth (0 = input)")
+    depth_colorbar(fig, axes, depth_colors(n))
 
 
 def rotation_curves_figure(
@@ -103,8 +88,8 @@ def rotation_curves_figure(
 ):
     """Layer rotation curves: cosine distance to init vs step, one line per layer.
 
-    Carbonnelle & De Vleeschouwer, 2019, Fig. 2b/4/5 ("layer-wise angle deviation curves"). Lines are coloured by depth
-    (viridis, first layer darkest); y spans ``[0, 1]``.
+    Carbonnelle & De Vleeschouwer, 2019, Fig. 2b/4/5 ("layer-wise angle deviation curves").
+    Lines are coloured by depth (viridis, first layer darkest); y spans ``[0, 1]``.
 
     **Requires** the ``cosine_distance`` figure of :func:`~optax_layca.rotation.track_rotation`
     recorded in a :class:`~optax_layca.rotation.RotationHistory`.
@@ -175,8 +160,10 @@ def epoch_rotation_figure(
 ):
     """Rotation per epoch: cosine distance between each layer at the start and end of an epoch.
 
-    Carbonnelle & De Vleeschouwer, 2019, Fig. 10 row 1. **Requires** ``RotationHistory.record(..., epoch=e,
-    params=params)`` at each epoch end (see ``RotationHistory.per_epoch_rotation``).
+    Carbonnelle & De Vleeschouwer, 2019, Fig. 10 row 1.
+
+    **Requires** ``RotationHistory.record(..., epoch=e, params=params)`` at each epoch end
+    (what ``RotationHistory.per_epoch_rotation`` returns).
 
     Args:
       history: a ``RotationHistory`` (or saved path), the ``(epochs, {layer path: array})``
@@ -227,17 +214,21 @@ def layer_norms_figure(
     layer_order: Sequence[str] | None = None,
     legend: bool = True,
 ):
-    """Per-layer norms over training, one panel per figure name (Carbonnelle & De Vleeschouwer, 2019, Fig. 10 rows 2–3).
+    """Per-layer norms over training, one panel per figure name (Carbonnelle & De
+    Vleeschouwer, 2019, Fig. 10 rows 2–3).
 
     **Requires** the ``grad_norm`` / ``weight_norm`` / ``update_norm`` figures of
     :func:`~optax_layca.rotation.track_rotation` in a ``RotationHistory`` (``grad_norm`` is
     the raw gradient when the monitor wraps the optimizer).
 
     Args:
+      history: a ``RotationHistory`` (or the path of a saved one).
       names: figures to draw, one panel each.
       ax: a sequence of ``len(names)`` axes, or None.
       x: ``"step"`` or ``"epoch"``.
       log_y: logarithmic y axis.
+      layer_order: layer paths in forward order (default: natural order of the history).
+      legend: label the layers (when at most 12 lines), in the first panel.
 
     Returns:
       The ``matplotlib.figure.Figure``.
@@ -266,30 +257,50 @@ def moment_percentiles_figure(
     layer_order: Sequence[str] | None = None,
     log_y: bool = True,
 ):
-    """Adam's second-moment estimate per layer: 10/50/90th percentiles (Carbonnelle & De Vleeschouwer, 2019, Fig. 11).
+    """Adam's second-moment estimate per layer: 10/50/90th percentiles (Carbonnelle & De
+    Vleeschouwer, 2019, Fig. 11).
 
     For each layer index: a bullet at the median and a bar from the 10th to the 90th
     percentile; several snapshots (e.g. epochs 1, 10, 50) side by side, coloured with viridis.
+    A stacked leaf (``layer_axis=``) gives one entry per stacked layer, in stack order.
 
-    **Requires** :func:`~optax_layca.rotation.second_moment_percentiles` outputs: one
-    ``{layer path: (p10, p50, p90)}`` dict, or ``{label: that dict}`` for several snapshots.
+    **Requires** what :func:`~optax_layca.rotation.second_moment_percentiles` returns with its
+    default ``q=(10, 50, 90)``: one ``{layer path: (p10, p50, p90)}`` dict (``(n, 3)`` for
+    stacked layers), or ``{label: that dict}`` for several snapshots.
+
+    Args:
+      percentiles: one snapshot, or ``{label: snapshot}``.
+      ax: an axes, or None for a new figure.
+      layer_order: layer paths in forward order (default: natural order).
+      log_y: logarithmic y axis.
 
     Returns:
       The ``matplotlib.figure.Figure``.
     """
+    from .._layers import natural_order
+
     if not percentiles:
         raise ValueError("`moment_percentiles_figure` needs at least one layer.")
     first = next(iter(percentiles.values()))
     snaps = dict(percentiles) if isinstance(first, Mapping) else {"": percentiles}
+    table = {}
+    for label, snap in snaps.items():
+        paths = ordered_layers(natural_order(snap), layer_order, "moment_percentiles_figure")
+        rows = []
+        for p in paths:
+            v = np.asarray(snap[p], float)
+            if v.shape[-1:] != (3,):
+                raise ValueError(
+                    f"`moment_percentiles_figure` needs 3 percentiles (p10, p50, p90) per layer; "
+                    f"{p!r} has shape {v.shape}."
+                )
+            rows += [x for _, x in entries(v, p, tail=1)]
+        table[label] = np.stack(rows)
     fig, (axis,) = figure_axes(ax)
     colors = depth_colors(len(snaps))
     width = 0.6 / max(len(snaps), 1)
-    for k, ((label, snap), color) in enumerate(zip(snaps.items(), colors)):
-        from .._layers import natural_order
-
-        paths = ordered_layers(natural_order(snap), layer_order, "moment_percentiles_figure")
-        vals = np.stack([np.asarray(snap[p], float).reshape(-1, 3)[0] for p in paths])
-        xs = np.arange(len(paths)) + (k - (len(snaps) - 1) / 2) * width
+    for k, ((label, vals), color) in enumerate(zip(table.items(), colors)):
+        xs = np.arange(len(vals)) + (k - (len(snaps) - 1) / 2) * width
         axis.errorbar(
             xs,
             vals[:, 1],
@@ -301,7 +312,7 @@ def moment_percentiles_figure(
         )
     if log_y:
         axis.set_yscale("log")
-    axis.set_xticks(np.arange(len(paths)))
+    axis.set_xticks(np.arange(len(vals)))
     axis.set_xlabel("layer index")
     axis.set_ylabel("second moment estimate ν")
     if len(snaps) > 1:
@@ -315,10 +326,15 @@ def layer_multipliers_figure(
     *,
     ax=None,
 ):
-    """Eq. 1 multipliers vs layer index, one line per α (Carbonnelle & De Vleeschouwer, 2019, Fig. 12).
+    """Eq. 1 multipliers vs layer index, one line per α (Carbonnelle & De Vleeschouwer, 2019,
+    Fig. 12).
 
     Lines for negative α (first layers prioritised) and positive α (last layers) share one
     axes, coloured with viridis in the order given.
+
+    **Requires** no measurement: the α values and the number of layers; the multipliers are
+    :func:`optax_layca.layer_multipliers`, as :func:`optax_layca.scale_by_layer_multipliers`
+    applies them.
 
     Returns:
       The ``matplotlib.figure.Figure``.
@@ -347,9 +363,11 @@ def convergence_rates_figure(
 ):
     """Layer-wise convergence rate per layer as bars (Chen et al., 2023, Fig. 1 style).
 
-    **Requires** :func:`~optax_layca.rotation.layer_convergence_rate` output
-    ``{layer path: C_l}`` (a scalar per layer). Bars follow ``layer_order`` (default: natural
-    order), coloured by depth.
+    Bars follow ``layer_order`` (default: natural order), coloured by depth; a stacked leaf
+    (``layer_axis=``) or per-unit rates give one bar per stacked layer or unit, ``path[i]``.
+
+    **Requires** what :func:`~optax_layca.rotation.layer_convergence_rate` returns:
+    ``{layer path: C_l}``.
 
     Returns:
       The ``matplotlib.figure.Figure``.
@@ -359,13 +377,11 @@ def convergence_rates_figure(
     if not rates:
         raise ValueError("`convergence_rates_figure` needs at least one layer.")
     paths = ordered_layers(natural_order(rates), layer_order, "convergence_rates_figure")
-    vals = [float(np.mean(rates[p])) for p in paths]
+    bars = [(label, float(v)) for p in paths for label, v in entries(rates[p], short_name(p))]
     fig, (axis,) = figure_axes(ax)
-    axis.bar(np.arange(len(paths)), vals, color=depth_colors(len(paths)))
-    axis.set_xticks(np.arange(len(paths)))
-    axis.set_xticklabels(
-        [p.split("/")[0] for p in paths], rotation=45, ha="right", fontsize="small"
-    )
+    axis.bar(np.arange(len(bars)), [v for _, v in bars], color=depth_colors(len(bars)))
+    axis.set_xticks(np.arange(len(bars)))
+    axis.set_xticklabels([label for label, _ in bars], rotation=45, ha="right", fontsize="small")
     axis.set_ylabel("convergence rate C")
     axis.axhline(0.0, color="k", lw=0.5)
     return fig

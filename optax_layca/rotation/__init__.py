@@ -34,6 +34,7 @@ rate and increase linearly over ``N`` steps) is one line of optax schedules:
 
 from ._angles import angle as angle
 from ._angles import cosine_distance as cosine_distance
+from ._estimators import mean_batch_gradient_norms as mean_batch_gradient_norms
 from ._history import RotationHistory as RotationHistory
 from ._metrics import layer_angle as layer_angle
 from ._metrics import layer_convergence_rate as layer_convergence_rate

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,17 @@ import numpy as np
 from .._base import unwrap_variables
 from .._custom_types import IsLayer, LayerAxis
 from .._layers import Layering, kept_shape, natural_order, path_str
+from . import _history_file
 from ._angles import cosine_distance_of_angle, layer_angle_kept
 from ._monitor import FIGURES, find_monitor_state
 
 
-def _figures_of(obj: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """(figures ``{name: {path: array}}``, initial layers or None) from a state or a dict."""
+def _figures_of(obj: Any) -> tuple[dict[str, dict[str, Any]], Any]:
+    """(figures ``{name: {path: array}}``, the monitor state or None) from a state or a dict."""
     obj = unwrap_variables(obj)
     mon = find_monitor_state(obj)
     if mon is not None:
-        return {name: dict(getattr(mon, name)) for name in FIGURES}, dict(mon.initial_layers)
+        return {name: dict(getattr(mon, name)) for name in FIGURES}, mon
     if isinstance(obj, Mapping) and obj and all(isinstance(v, Mapping) for v in obj.values()):
         return {str(k): dict(v) for k, v in obj.items()}, None
     raise ValueError(
@@ -68,6 +70,17 @@ class RotationHistory:
     ``step`` should be the number of updates applied so far (the monitor's ``rotation_step``).
     The per-epoch rotation keeps one copy of the layers (on device) from boundary to boundary.
 
+    The authors' curves (``LayerwiseAngleDeviationCurves``) record after the *first* update of
+    every epoch and draw record ``k`` at epoch ``k + 1``, after a prepended 0 at epoch 0. For
+    the same points, record every step without ``epoch=`` under
+    ``every=lambda step: (step - 1) % steps_per_epoch == 0`` and plot
+    ``x = 1 + (steps - 1) // steps_per_epoch`` (see ``docs/fidelity.md``).
+
+    Layers whose norm was zero at init (a zero-initialised head or residual branch: their
+    figures are 0 by convention, and under Layca or AdaptCopy they never train) are listed in
+    :attr:`frozen_layers`, read once at the first record of a monitor state, which then warns
+    (``RuntimeWarning``).
+
     Args:
       every: record schedule, an int ``k > 0`` or ``callable(step) -> bool``.
       is_layer, layer_axis, per_unit: layer grouping, as given to :func:`track_rotation`
@@ -109,7 +122,15 @@ class RotationHistory:
                 f"`RotationHistory(every=...)` must be an int > 0 or callable(step) -> bool; "
                 f"got {every!r}."
             )
-        self._layering = Layering(is_layer, layer_axis, per_unit)
+        self._layering: Layering | None = Layering(is_layer, layer_axis, per_unit)
+        # What `save` writes so that a loaded history records on exactly as this one would.
+        self._settings = {
+            "every": _history_file.encode_setting(every),
+            "is_layer": _history_file.encode_setting(self._layering.is_layer),
+            "layer_axis": _history_file.encode_setting(self._layering.layer_axis),
+            "per_unit": bool(per_unit),
+        }
+        self._run: str | None = None  # fingerprint of the recorded run's initial layer norms
         self._names: tuple[str, ...] | None = None
         self._layers: tuple[str, ...] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -122,6 +143,7 @@ class RotationHistory:
         self._epoch_host = np.zeros((0, 0), np.float32)
         self._epoch_ref: dict[str, jax.Array] | None = None
         self._epoch_shapes: dict[str, tuple[int, ...]] = {}
+        self._frozen: tuple[str, ...] | None = None
 
     # -- recording
 
@@ -154,9 +176,17 @@ class RotationHistory:
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"`RotationHistory.record(step=...)` must be an int; got {step!r}.")
+        if self._steps and step < self._steps[-1]:
+            raise ValueError(
+                f"`RotationHistory.record(step={step})`: the history already holds step "
+                f"{self._steps[-1]}; steps never go back (is this another run?)."
+            )
         if epoch is None and not self.should_record(step):
             return False
-        figures, initial = _figures_of(opt_state_or_figures)
+        figures, monitor = _figures_of(opt_state_or_figures)
+        initial = None if monitor is None else dict(monitor.initial_layers)
+        if monitor is not None:
+            self._check_run(monitor)
         if extra:
             figures.update({str(k): dict(v) for k, v in extra.items()})
         names = tuple(figures)
@@ -172,7 +202,9 @@ class RotationHistory:
             self._shapes = {
                 f"{n}/{p}": tuple(np.shape(figures[n][p])) for n in names for p in layers
             }
-        elif names != self._names or any(tuple(figures[n]) != self._layers for n in names):
+        elif set(names) != set(self._names) or any(
+            set(figures[n]) != set(self._layers) for n in names
+        ):  # the order may differ: a dict passed through jax.tree comes back with sorted keys
             raise ValueError(
                 "`RotationHistory.record`: figures or layers changed since the first record: "
                 f"had {self._names} over {self._layers}, got {names} over "
@@ -191,6 +223,43 @@ class RotationHistory:
             self._record_epoch(int(epoch), unwrap_variables(params), initial)
         return True
 
+    def _check_run(self, monitor: Any) -> None:
+        """At the first record of a monitor state (one small device sync): the run's identity,
+        which a loaded history must share, and its zero-norm layers."""
+        if self._frozen is not None and self._run_checked:
+            return
+        run = _run_fingerprint(monitor.initial_layer_norm)
+        if self._run is not None and run != self._run:
+            raise ValueError(
+                "`RotationHistory.record`: this history was recorded from another run (its "
+                f"initial layer norms have fingerprint {self._run}, this state's {run}). Start a "
+                "new RotationHistory for a new run."
+            )
+        self._run, self._run_checked = run, True
+        if self._frozen is None:
+            self._check_frozen(monitor.zero_initial_layer_norm)
+
+    _run_checked = False
+
+    def _check_frozen(self, zero_initial_layer_norm: Mapping[str, Any]) -> None:
+        """Reads the monitor's zero-norm flags once (one small device sync) and warns."""
+        flags = jax.device_get(dict(zero_initial_layer_norm))
+        self._frozen = natural_order(p for p, f in flags.items() if np.any(f))
+        if self._frozen:
+            warnings.warn(
+                f"RotationHistory: layers {list(self._frozen)} had zero norm at init: their "
+                "rotation figures are 0 by convention, and under Layca or AdaptCopy (which "
+                "keep each layer's initial norm) they never train. Initialise them with "
+                "non-zero values or exclude them with `is_layer=`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def frozen_layers(self) -> tuple[str, ...]:
+        """Layers of zero norm at init (see the class docstring); () if none or unknown."""
+        return self._frozen or ()
+
     def _record_epoch(self, epoch: int, params: Any, initial: dict | None) -> None:
         current = {}
         for p, x in jtu.tree_flatten_with_path(params)[0]:
@@ -201,6 +270,12 @@ class RotationHistory:
         if missing:
             raise ValueError(
                 f"`RotationHistory.record(params=...)` lacks the recorded layers {missing}."
+            )
+        if self._layering is None:
+            raise ValueError(
+                "`RotationHistory`: this history was loaded from a file saved with a callable "
+                "`is_layer` or `layer_axis`; pass it again to `RotationHistory.load` to record "
+                "the per-epoch rotation."
             )
         ref = self._epoch_ref if self._epoch_ref is not None else initial
         if ref is None:
@@ -334,8 +409,9 @@ class RotationHistory:
 
         Between two records the mean step angle ``(Σθ(t2) - Σθ(t1)) / (t2 - t1)`` (from
         ``cumulative_angle``, with ``Σθ = 0`` at step 0) is repeated for each step of the
-        interval; recorded every step, this is the exact per-step angle. Feeds
-        :func:`~optax_layca.adapt_copy`.
+        interval; recorded every step, this is the exact per-step angle. A record of the
+        initial state (step 0, ``Σθ = 0``), as training loops that record before the first
+        update keep, is that origin and is skipped. Feeds :func:`~optax_layca.adapt_copy`.
 
         Returns:
           ``{layer path: float64 array (steps[-1], ...)}``; row ``t`` is the angle of update
@@ -343,6 +419,8 @@ class RotationHistory:
         """
         cum = self.get("cumulative_angle", layers)
         steps = self.steps
+        if len(steps) > 1 and steps[0] == 0:  # the initial state: the origin, Σθ = 0
+            steps, cum = steps[1:], {p: c[1:] for p, c in cum.items()}
         if np.any(np.diff(steps) <= 0) or steps[0] <= 0:
             raise ValueError(
                 "`step_angles` needs records at strictly increasing steps > 0; got "
@@ -375,71 +453,113 @@ class RotationHistory:
         return out
 
     def _meta(self) -> dict:
+        from .. import __version__
+
         return {
-            "format": "optax_layca.RotationHistory/1",
+            "format": _history_file.FORMAT,
             "names": list(self._names),
             "layers": list(self._layers),
             "shapes": {k: list(v) for k, v in self._shapes.items()},
+            "frozen_layers": list(self.frozen_layers),
+            "settings": self._settings,
+            "run": self._run,
+            "epoch_ref_layers": [] if self._epoch_ref is None else list(self._epoch_ref),
+            "library": f"optax_layca {__version__}",
         }
 
     def save(self, path: str | Path) -> Path:
-        """Writes the history to ``path``: ``.json`` (lists) or anything else as ``.npz``."""
-        path = Path(path)
-        data = self.as_dict()
-        meta = self._meta()
-        if path.suffix == ".json":
-            payload = {"meta": meta, "data": {k: np.asarray(v).tolist() for k, v in data.items()}}
-            path.write_text(json.dumps(payload, allow_nan=True))
-        else:
-            np.savez(path, __meta__=np.asarray(json.dumps(meta)), **data)
-            if path.suffix != ".npz":
-                path = path.with_name(path.name + ".npz")
-        return path
+        """Writes the history to ``path`` atomically: ``.json`` (lists) or else ``.npz``.
+
+        The file also holds what recording needs to go on where it stopped (the layers at the
+        last epoch boundary, the schedule and layer grouping) and the identity of the run, so
+        that ``RotationHistory.load(path)`` followed by more records gives the same history as
+        one never saved. A process killed while saving leaves the previous file intact.
+        """
+        self._check_nonempty()
+        arrays = self.as_dict()
+        if self._epoch_ref is not None:
+            ref = jax.device_get(self._epoch_ref)
+            arrays.update({f"epoch_ref/{p}": np.asarray(v) for p, v in ref.items()})
+        return _history_file.write(Path(path), self._meta(), arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> RotationHistory:
-        """Reads a history written by :meth:`save` (further records can be appended)."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"No rotation history at {str(path)!r}.")
-        if path.suffix == ".json":
-            payload = json.loads(path.read_text())
-            meta, data = payload["meta"], {k: np.asarray(v) for k, v in payload["data"].items()}
-        else:
-            with np.load(path) as z:
-                meta = json.loads(str(z["__meta__"]))
-                data = {k: z[k] for k in z.files if k != "__meta__"}
-        if meta.get("format") != "optax_layca.RotationHistory/1":
-            raise ValueError(f"{str(path)!r} is not a saved RotationHistory.")
-        hist = cls()
-        hist._names = tuple(meta["names"])
-        hist._layers = tuple(meta["layers"])
-        hist._shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-        hist._steps = [int(s) for s in data["step"]]
-        hist._epochs = [float(e) for e in data["epoch"]]
-        rows = len(hist._steps)
-        hist._host = np.concatenate(
-            [
-                np.asarray(data[f"{n}/{p}"], np.float32).reshape(rows, -1)
-                for n in hist._names
-                for p in hist._layers
-            ],
-            axis=1,
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        every: int | Callable[[int], bool] | None = None,
+        is_layer: IsLayer = None,
+        layer_axis: LayerAxis = None,
+    ) -> RotationHistory:
+        """Reads a history written by :meth:`save`, checked for completeness.
+
+        Further records continue it exactly (same schedule, per-epoch rotation measured from the
+        last saved boundary) and must come from the same run (its initial layer norms). A
+        schedule or layer grouping saved as a callable cannot be stored: pass it again here to
+        record more (reading needs nothing).
+        """
+        meta, data = _history_file.read(Path(path))
+        saved = meta.get("settings", {})
+        hist = cls(**_resume_settings(saved, every, is_layer, layer_axis))
+        if saved.get("is_layer") == _history_file.CALLABLE and is_layer is None or (
+            saved.get("layer_axis") == _history_file.CALLABLE and layer_axis is None
+        ):
+            hist._layering = None
+        hist._restore(meta, data)
+        return hist
+
+    def _restore(self, meta: dict, data: Mapping[str, np.ndarray]) -> None:
+        self._names, self._layers = tuple(meta["names"]), tuple(meta["layers"])
+        self._shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+        self._frozen = tuple(meta.get("frozen_layers", ()))
+        self._run = meta.get("run")
+        self._steps = [int(s) for s in data["step"]]
+        self._epochs = [float(e) for e in data["epoch"]]
+        rows = len(self._steps)
+        self._host = np.concatenate(
+            [np.asarray(data[k], np.float32).reshape(rows, -1) for k in self._shapes], axis=1
         )
         if "epoch_rotation/epoch" in data:
-            hist._epoch_ids = [int(e) for e in data["epoch_rotation/epoch"]]
-            n = len(hist._epoch_ids)
-            hist._epoch_shapes = {
-                p: tuple(np.shape(data[f"epoch_rotation/{p}"])[1:]) for p in hist._layers
-            }
-            hist._epoch_host = np.concatenate(
-                [
-                    np.asarray(data[f"epoch_rotation/{p}"], np.float32).reshape(n, -1)
-                    for p in hist._layers
-                ],
-                axis=1,
-            )
-        return hist
+            self._epoch_ids = [int(e) for e in data["epoch_rotation/epoch"]]
+            n = len(self._epoch_ids)
+            cols = [np.asarray(data[f"epoch_rotation/{p}"], np.float32) for p in self._layers]
+            self._epoch_shapes = {p: c.shape[1:] for p, c in zip(self._layers, cols)}
+            self._epoch_host = np.concatenate([c.reshape(n, -1) for c in cols], axis=1)
+        if meta.get("epoch_ref_layers"):
+            self._epoch_ref = {p: data[f"epoch_ref/{p}"] for p in meta["epoch_ref_layers"]}
+
+
+def _resume_settings(saved: dict, every: Any, is_layer: Any, layer_axis: Any) -> dict:
+    """Constructor arguments of a loaded history: the saved ones unless given again."""
+    usable = lambda v: v is not None and v != _history_file.CALLABLE
+    if every is None:
+        every = saved.get("every", 1)
+        if not usable(every):
+            every = _missing_schedule
+    if is_layer is None and usable(saved.get("is_layer")):
+        is_layer = saved["is_layer"]
+    if layer_axis is None and usable(saved.get("layer_axis")):
+        layer_axis = saved["layer_axis"]
+    return dict(every=every, is_layer=is_layer, layer_axis=layer_axis,
+                per_unit=bool(saved.get("per_unit", False)))
+
+
+def _missing_schedule(step: int) -> bool:
+    raise ValueError(
+        "`RotationHistory.record`: this history was loaded from a file saved with a callable "
+        "`every`; pass it again to `RotationHistory.load(path, every=...)` to record more."
+    )
+
+
+def _run_fingerprint(initial_layer_norm: Mapping[str, Any]) -> str:
+    """A short hash of a run's initial layer norms (names, shapes and float32 bytes)."""
+    norms = jax.device_get(dict(initial_layer_norm))
+    h = hashlib.sha256()
+    for path in sorted(norms):
+        a = np.ascontiguousarray(norms[path], np.float32)
+        h.update(f"{path}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _start_copy(x: jax.Array) -> None:

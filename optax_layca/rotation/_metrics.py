@@ -16,7 +16,13 @@ import optax
 
 from .._base import unwrap_variables
 from .._custom_types import IsLayer, LayerAxis
-from .._layers import Layering, check_same_structure, layer_dot, path_str, squeeze_reduced
+from .._layers import (
+    Layering,
+    check_same_structure,
+    layer_dot,
+    squeeze_reduced,
+    tensor_layouts,
+)
 from ._angles import cosine_distance_of_angle, layer_angle_kept
 
 
@@ -26,8 +32,7 @@ def per_layer(
     """``{path: fn(layout, leaf, *rest_leaves)}`` over the layer leaves of ``tree``."""
     out = {}
     flats = [jtu.tree_flatten_with_path(tree)[0]] + [jax.tree.leaves(r) for r in rest]
-    for i, (p, x) in enumerate(flats[0]):
-        lo = layering.layout(path_str(p), x)
+    for i, ((_, x), lo) in enumerate(zip(flats[0], layering.layouts(tree))):
         if lo.is_layer:
             out[lo.path] = squeeze_reduced(fn(lo, x, *(f[i] for f in flats[1:])), lo)
     if not out:
@@ -154,6 +159,7 @@ def second_moment_percentiles(
     q: Sequence[float] = (10.0, 50.0, 90.0),
     *,
     key: str = "nu",
+    layers_only: bool = True,
     is_layer: IsLayer = None,
     layer_axis: LayerAxis = None,
 ) -> dict[str, jax.Array]:
@@ -163,15 +169,22 @@ def second_moment_percentiles(
     ``optax.scale_by_adam``'s state, found with ``optax.tree.get``; ``key=`` picks another
     field, e.g. of ``scale_by_rms``). Works on ``nnx.Optimizer`` states too.
 
+    ``layers_only=False`` gives the entries of the authors' figure: one per ``ν`` tensor,
+    biases and norm parameters included (their ``Adam_2nd_moment_memory`` takes every ``v``
+    of Keras' Adam), each non-layer tensor whole (per block under an ``nn.scan`` stack).
+    The authors record after the first batch of each epoch (``RotationHistory(every=...)``
+    as in ``docs/fidelity.md``).
+
     Args:
       opt_state: an optax state holding exactly one ``key`` field.
       q: percentiles in ``[0, 100]`` (default 10th, 50th, 90th as in the paper).
       key: name of the field holding the per-parameter estimate.
+      layers_only: True: layer (kernel) tensors only; False: every floating ``ν`` tensor.
       is_layer, layer_axis: which leaves of ``ν`` are layers (same as for the params).
 
     Returns:
-      ``{layer path: float32 array of shape (len(q),)}`` (``(n_stacked, len(q))`` for stacked
-      layers).
+      ``{path: float32 array of shape (len(q),)}`` (``(n_stacked, len(q))`` for stacked
+      tensors).
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np, optax
@@ -199,8 +212,13 @@ def second_moment_percentiles(
             f"`opt_state` has no `{key}` field: pass the state of an Adam-like optimizer "
             "(optax.adam, optax.scale_by_adam, ...)."
         )
+    if not isinstance(layers_only, bool):
+        raise TypeError(
+            f"`second_moment_percentiles(layers_only=...)` must be a bool; got {layers_only!r}."
+        )
     layering = Layering(is_layer, layer_axis)
     qs = jnp.asarray(q, jnp.float32)
+    tensors = None if layers_only else tensor_layouts(nu, layering)
 
     def pct(lo, v):
         v = v.astype(jnp.float32)
@@ -210,10 +228,11 @@ def second_moment_percentiles(
         return jax.vmap(lambda r: jnp.percentile(r, qs))(v)
 
     out = {}
-    for p, v in jtu.tree_flatten_with_path(nu)[0]:
-        lo = layering.layout(path_str(p), v)
+    for (_, v), lo in zip(jtu.tree_flatten_with_path(nu)[0], layering.layouts(nu)):
         if lo.is_layer:
             out[lo.path] = pct(lo, v)
+        elif tensors is not None and jnp.issubdtype(jnp.result_type(v), jnp.floating) and v.size:
+            out[lo.path] = pct(tensors[lo.path], v)
     if not out:
         raise ValueError(f"No layer found in `{key}`: pass `is_layer=` to choose them.")
     return out
@@ -285,11 +304,10 @@ def layer_convergence_rate(
     for name, tree in thetas.items():
         check_same_structure(tree, final_params, f"trajectory[{name}]", "final_params")
     layering = Layering(is_layer, layer_axis, per_unit)
-    star = jtu.tree_flatten_with_path(final_params)[0]
+    star = jax.tree.leaves(final_params)
     flat = {k: jax.tree.leaves(v) for k, v in thetas.items()}
     out = {}
-    for i, (p, w_star) in enumerate(star):
-        lo = layering.layout(path_str(p), w_star)
+    for i, (w_star, lo) in enumerate(zip(star, layering.layouts(final_params))):
         if not lo.is_layer:
             continue
         ws = np.asarray(w_star, np.float64)

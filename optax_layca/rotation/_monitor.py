@@ -10,22 +10,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .._base import NO_PARAMS_MSG
+from .._base import NO_PARAMS_MSG, check_int
 from .._custom_types import IsLayer, LayerAxis
 from .._layca import RotationProbe, ScaleByLaycaState
 from .._layers import (
     CANCEL,
     Layering,
     LeafLayout,
+    check_same_shapes,
     check_same_structure,
     distance_to_reference,
     kept_shape,
     layer_dots,
     nan_where,
+    no_layer_error,
     pow2,
     scaled_layer_dots,
     scaled_layer_norm,
+    shape_of,
     squeeze_reduced,
+    upcast,
 )
 
 FIGURES = (
@@ -56,6 +60,13 @@ class TrackRotationState(NamedTuple):
       update_norm: norm of the change of the stored parameters, ``‖w' - w‖`` (the final
         update, rounded as ``apply_updates`` stores it).
       tracked_state: state of the wrapped transform (``optax.EmptyState()`` when none).
+      zero_initial_layer_norm: ``{layer path: bool}``, ``‖w⁰‖ == 0`` (per stacked layer/unit).
+        Such a layer has no direction at init: its cosine distance and step angles are
+        reported as 0 by convention, and under a norm-pinning transform (Layca, AdaptCopy) it
+        never trains. :class:`RotationHistory` lists these layers (``frozen_layers``) and warns.
+
+    The figures are keyed by layer path, not shaped like params, so ``optax.tree.map_params``
+    (e.g. to build sharding specs) does not apply to this state; ``jax.tree.map`` does.
     """
 
     rotation_step: jax.Array
@@ -68,27 +79,27 @@ class TrackRotationState(NamedTuple):
     weight_norm: dict
     update_norm: dict
     tracked_state: Any
+    zero_initial_layer_norm: dict
 
 
 
 
 def _monitored_vectors(w, u, w0, g=None, *, dtype):
-    """``(w, d, e, w⁰[, g])`` in float32, ``d = w' - w``, ``e = w' - w⁰``, ``w'`` as stored.
+    """``(w, d, e, w⁰[, g])`` in the compute dtype (float32 at least), ``d = w' - w``, ``e = w' - w⁰``, ``w'`` as stored.
 
     Derived inside each reduction (and each ``lax.cond`` branch) from the stored arrays, so
     that ``d`` and ``e`` are never materialised.
     """
-    w32 = w.astype(jnp.float32)
-    new = w32 + u.astype(jnp.float32)
-    if dtype != jnp.float32:
+    w32, u32, w0_32 = upcast(w, u, w0)
+    new = w32 + u32
+    if dtype != w32.dtype:
         # round to the param dtype as apply_updates does; reduce_precision, not a round trip
         # through astype, which XLA may drop as "excess precision"
         info = jnp.finfo(dtype)
         new = jax.lax.reduce_precision(new, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     # differences of stored values: exact in float32 near w
-    w0_32 = w0.astype(jnp.float32)
     out = (w32, new - w32, new - w0_32, w0_32)
-    return out if g is None else out + (g.astype(jnp.float32),)
+    return out if g is None else out + (g.astype(w32.dtype),)
 
 
 def monitor_layer(lo: LeafLayout, w, u, g, w0, n0):
@@ -197,7 +208,7 @@ def _measure(layouts, leaves, state, every, fused) -> dict:
             step, cos_dist, g_norm, w_norm, u_norm = monitor_layer(
                 lo, w, u_leaves[i], None if g_leaves is None else g_leaves[i],
                 state.initial_layers[path], state.initial_layer_norm[path])
-        sq = functools.partial(squeeze_reduced, lo=lo)
+        sq = lambda x, lo=lo: squeeze_reduced(x, lo).astype(jnp.float32)  # noqa: E731
         figs["cosine_distance"][path] = sq(cos_dist)
         figs["step_angle"][path] = sq(step)
         figs["cumulative_angle"][path] = state.cumulative_angle[path] + every * sq(step)
@@ -205,6 +216,23 @@ def _measure(layouts, leaves, state, every, fused) -> dict:
         figs["weight_norm"][path] = sq(w_norm)
         figs["update_norm"][path] = sq(u_norm)
     return figs
+
+
+def check_layers_like_init(layers: list, initial_layers: dict) -> None:
+    """Raises naming the layers that differ (in path or shape) from those seen at ``init``."""
+    known = set(initial_layers)
+    seen = {lo.path for lo, _ in layers}
+    if seen != known:
+        raise ValueError(
+            "`track_rotation`: the layers of params differ from those seen at init. "
+            f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
+        )
+    for lo, x in layers:
+        if shape_of(x) != shape_of(initial_layers[lo.path]):
+            raise ValueError(
+                f"`track_rotation`: layer {lo.path!r} has shape {shape_of(x)}, but "
+                f"{shape_of(initial_layers[lo.path])} at init."
+            )
 
 
 def track_rotation(
@@ -292,9 +320,7 @@ def track_rotation(
     """
     if tx is not None and not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"`track_rotation(tx=...)` must be an optax transformation; got {tx!r}.")
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-        raise ValueError(f"`track_rotation(every=...)` must be an int >= 1; got {every!r}.")
-    every = int(every)
+    every = check_int(every, "track_rotation(every=...)", low=1)
     layering = Layering(is_layer, layer_axis, per_unit)
     inner = tx if tx is not None else optax.identity()
 
@@ -307,40 +333,38 @@ def track_rotation(
 
     def init_fn(params):
         layers = layers_of(params)
-        if not layers:
-            raise ValueError(
-                "`track_rotation`: no layer found in params (default: leaves named "
-                "kernel/embedding/w or with ndim >= 2). Pass `is_layer=` to choose them."
-            )
+        if not layers and jax.tree.leaves(params):
+            raise no_layer_error(params, "track_rotation")
         # fresh buffers per field: a state whose leaves share a buffer cannot be donated
         zeros = lambda: {
             lo.path: jnp.zeros(kept_shape(lo, np.shape(x)), jnp.float32) for lo, x in layers
         }
+        # the figures are float32 whatever the params' dtype (documented), so is ‖w⁰‖
+        norms = {lo.path: scaled_layer_norm(x, lo).astype(jnp.float32) for lo, x in layers}
         return TrackRotationState(
             rotation_step=jnp.zeros((), jnp.int32),
             initial_layers={lo.path: jnp.copy(x) for lo, x in layers},
-            initial_layer_norm={lo.path: scaled_layer_norm(x, lo) for lo, x in layers},
+            initial_layer_norm=norms,
             cosine_distance=zeros(),
             step_angle=zeros(),
             cumulative_angle=zeros(),
             grad_norm=zeros(),
-            weight_norm={lo.path: squeeze_reduced(scaled_layer_norm(x, lo), lo) for lo, x in layers},
+            weight_norm={lo.path: squeeze_reduced(norms[lo.path], lo) for lo, _ in layers},
             update_norm=zeros(),
             tracked_state=inner.init(params),
+            zero_initial_layer_norm={
+                lo.path: squeeze_reduced(norms[lo.path] == 0, lo) for lo, _ in layers
+            },
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
         check_same_structure(updates, params, "updates")
+        check_same_shapes(updates, params, "updates")
+        # checked before the wrapped optimizer runs: its own tree errors name no leaf
         layers = layers_of(params)
-        known = set(state.initial_layers)
-        seen = {lo.path for lo, _ in layers}
-        if seen != known:
-            raise ValueError(
-                "`track_rotation`: the layers of params differ from those seen at init. "
-                f"New: {sorted(seen - known)}; missing: {sorted(known - seen)}."
-            )
+        check_layers_like_init(layers, state.initial_layers)
         grads = updates
         due = None if every == 1 else (state.rotation_step + 1) % every == 0
         probe = None
@@ -375,6 +399,7 @@ def track_rotation(
             initial_layers=state.initial_layers,
             initial_layer_norm=state.initial_layer_norm,
             tracked_state=inner_state,
+            zero_initial_layer_norm=state.zero_initial_layer_norm,
             **figs,
         )
         return updates, new_state
