@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -24,21 +25,35 @@ def block(x):
     return jax.block_until_ready(x)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2):
-    """Median wall time (s) of each zero-argument callable, timed round-robin.
+def time_samples(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2
+                 ) -> dict[str, list[float]]:
+    """Wall times (s) of each zero-argument callable, ``repeats`` each, timed round-robin.
 
     Each callable must return its device result (it is blocked on). Warm-up calls compile.
+    Interleaving puts every candidate under the same background load, so ratios of their
+    medians are meaningful on a shared machine where absolute times are not; the order is
+    shuffled every round (seeded) so that no candidate always follows the same neighbour.
     """
     for fn in fns.values():
         for _ in range(warmup):
             block(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             t0 = time.perf_counter()
             block(fn())
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2):
+    """Median wall time (s) of each zero-argument callable, timed round-robin (see
+    :func:`time_samples`)."""
+    return {name: statistics.median(ts) for name, ts in time_samples(fns, repeats, warmup).items()}
 
 
 def dense_params(sizes, key) -> dict:

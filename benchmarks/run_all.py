@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["update_step", "monitor_overhead", "lca", "scaling", "multi_device"]
+BENCHMARKS = ["update_step", "train_step", "monitor_overhead", "lca", "scaling", "multi_device"]
 
 
 def main(argv=None) -> int:

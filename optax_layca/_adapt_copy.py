@@ -277,9 +277,9 @@ def scale_by_adapt_copy(
 
         def one(lo, s, w, n0):
             if not lo.is_layer:
-                if non_layer_learning_rate is None:
-                    return jnp.zeros_like(s)
                 s32 = upcast(s)
+                if non_layer_learning_rate is None:  # frozen: 0, but NaN for a NaN gradient
+                    return (0.0 * s32).astype(s.dtype)
                 lr = value_at(non_layer_learning_rate, state.count).astype(s32.dtype)
                 return (-lr * s32).astype(s.dtype)
             value = rates[lo.path][row]

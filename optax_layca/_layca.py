@@ -30,8 +30,13 @@ from ._layers import (
     check_like_init,
     check_params,
     compute_dtype,
-    layer_dot,
+    distance_to_reference,
+    layer_dots,
     layer_norm,
+    nan_where,
+    pow2,
+    scaled_layer_dots,
+    scaled_layer_norm,
     tensor_layouts,
     upcast,
 )
@@ -46,6 +51,7 @@ NON_LAYER_POLICIES = ("freeze", "base")
 NORMALIZE_POLICIES = ("pass", "normalize")
 
 
+
 def check_non_layer(
     non_layer: str, where: str, allowed: tuple[str, ...] = NON_LAYER_POLICIES
 ) -> None:
@@ -57,6 +63,19 @@ def check_min_step_norm(min_step_norm: float, where: str) -> None:
     """Raises a ValueError unless ``min_step_norm`` is a finite float >= 0 (or traced, as
     under ``optax.inject_hyperparams``)."""
     check_number(min_step_norm, f"{where}(min_step_norm=...)", low=0.0)
+
+
+def new_and_u(w: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(w + u, u)`` in the compute dtype: the inputs of op 4's sums, derived inside each
+    reduction."""
+    w32, u32 = upcast(w, u)
+    return w32 + u32, u32
+
+
+def w_and_new(w: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(w, w + u)`` in the compute dtype: the inputs of the norm cap's sums."""
+    w32, u32 = upcast(w, u)
+    return w32, w32 + u32
 
 
 def initial_layer_norms(
@@ -77,7 +96,7 @@ def initial_layer_norms(
             if tensors is not None:
                 return layer_norm(w, tensors[lo.path])
             return jnp.zeros((), jnp.float32)
-        n = layer_norm(w, lo)
+        n = scaled_layer_norm(w, lo)
         if is_concrete(n) and bool(jnp.any(n == 0)):
             zeros = int(jnp.sum(n == 0))
             raise ValueError(
@@ -153,10 +172,15 @@ def project_orthogonal(
             if not lo.is_layer:
                 return s
             s32, w32 = upcast(s, w)
-            a, b = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo)
-            perp = s32 - jnp.where(a > 0, b / jnp.where(a > 0, a, 1.0), 0.0) * w32
-            keep = (a > 0) & (layer_dot(perp, perp, lo) > parallel_tol**2 * layer_dot(s32, s32, lo))
-            return jnp.where(keep, perp, 0.0).astype(s.dtype)
+            # in units of the rescaled w·2^-ew, s·2^-es (exponents 0 unless a sum would
+            # under/overflow): s⊥ is then exact for any scale of s and w
+            (a, b, c), (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
+            beta = jnp.where(a > 0, b / jnp.where(a > 0, a, 1.0), 0.0)
+            perp = s32 * pow2(-es) - beta * (w32 * pow2(-ew))
+            (pp,) = layer_dots(lo, ((0, 0),), perp)
+            keep = (a > 0) & (pp > parallel_tol**2 * c)
+            out = jnp.where(keep, perp, 0.0) * pow2(es)
+            return nan_where(jnp.isnan(a + b + c), out).astype(s.dtype)
 
         return layering.map(project, updates, params), state
 
@@ -200,10 +224,13 @@ def scale_to_weight_norm(
                 if tensors is None:
                     return s
                 lo = tensors[lo.path]
-            s32, w32 = upcast(s, w)
-            ns, nw = layer_norm(s32, lo), layer_norm(w32, lo)
-            k = jnp.where(ns > 0, nw / jnp.where(ns > 0, ns, 1.0), 0.0)
-            return (s32 * k).astype(s.dtype)
+            s32 = upcast(s)
+            (ss, ww), (es, ew) = scaled_layer_dots(lo, ((0, 0), (1, 1)), s, w)
+            # ‖w‖/‖s‖ = (‖w'‖/‖s'‖) 2^(ew - es): the powers of two are applied to s apart,
+            # exactly, since their ratio alone may not be a float32 (1e30 / 1e-30)
+            k = jnp.where(ss > 0, jnp.sqrt(ww) / jnp.sqrt(jnp.where(ss > 0, ss, 1.0)), 0.0)
+            out = (s32 * pow2(-es)) * (k * pow2(ew))
+            return nan_where(jnp.isnan(ss + ww), out).astype(s.dtype)
 
         return layering.map(scale, updates, params), state
 
@@ -273,11 +300,14 @@ def project_to_initial_norm(
                 return u
             w32, u32 = upcast(w, u)
             new = w32 + u32
-            n = layer_norm(new, lo)
-            k = jnp.where(n > 0, n0 / jnp.where(n > 0, n, 1.0), 1.0)
+            (nn, uu), (en, _) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=new_and_u,
+                                                  sources=((0, 1), (1,)))
+            # k = ‖w⁰‖ / ‖w'‖ with ‖w'‖ = √nn · 2^en
+            k = jnp.where(nn > 0, n0 * pow2(-en) / jnp.sqrt(jnp.where(nn > 0, nn, 1.0)), 1.0)
             # A layer that does not move (zero update) stays exactly put, as in the fused form.
-            still = (layer_dot(u32, u32, lo) == 0) & (n0 > 0)
-            return jnp.where(still, 0.0, k * new - w32).astype(u.dtype)
+            still = (uu == 0) & (n0 > 0)
+            out = jnp.where(still, 0.0, k * new - w32)
+            return nan_where(jnp.isnan(nn + uu + n0), out).astype(u.dtype)
 
         return layering.map(project, updates, params, state.initial_norm), state
 
@@ -341,14 +371,150 @@ def cap_norm_increase(
                 lo = tensors[lo.path]
             w32, u32 = upcast(w, u)
             new = w32 + u32
-            n, n_new = layer_norm(w32, lo), layer_norm(new, lo)
+            (ww, nn), (ew, en) = scaled_layer_dots(lo, ((0, 0), (1, 1)), w, u, make=w_and_new,
+                                                  sources=((0,), (0, 1)))
+            n, n_new = jnp.sqrt(ww) * pow2(ew), jnp.sqrt(nn) * pow2(en)
             limit = n + max_increase * n0
             k = jnp.where(n_new > limit, limit / jnp.where(n_new > 0, n_new, 1.0), 1.0)
-            return (k * new - w32).astype(u.dtype)
+            return nan_where(jnp.isnan(ww + nn + n0), k * new - w32).astype(u.dtype)
 
         return layering.map(cap, updates, params, state.initial_norm), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class RotationProbe(NamedTuple):
+    """The rotation monitor's request to the fused Layca it wraps (``rotation_probe=``).
+
+    ``track_rotation(layca(...))`` passes it as an extra argument when Layca's update is the
+    final one. For every layer it names with the same per-layer reduction and float32 params,
+    :func:`layca_layer_update` adds ``w⁰`` and ``g`` to the arrays of its own one-pass
+    reduction and stores the monitor's figures, from its scalars, in ``figures``: the
+    monitor then needs no pass of its own and the update is never materialised.
+
+    Attributes:
+      reference: ``{path: w⁰}``; reference_norm: ``{path: ‖w⁰‖}`` (keepdims).
+      grads: ``{path: g}``, the raw gradient (its norm is a figure).
+      reduce_axes: ``{path: axes}`` of the monitor's layout.
+      due: bool scalar, the monitor measures this step (``every > 1``), or None (always).
+      figures: filled: ``{path: (step angle, cosine distance, ‖g‖, ‖w'‖, ‖u‖)}`` (keepdims).
+    """
+
+    reference: dict
+    reference_norm: dict
+    grads: dict
+    reduce_axes: dict
+    due: Any
+    figures: dict
+
+    def watches(self, lo: LeafLayout, w: jax.Array) -> bool:
+        return (lo.path in self.reference and self.reduce_axes[lo.path] == lo.reduce_axes
+                and w.dtype == jnp.float32)
+
+
+def layca_sums(lo: LeafLayout, w, s, probe: RotationProbe | None):
+    """Fused Layca's one reduction pass: ``(a, b, c), (ew, es), extra``.
+
+    ``a, b, c = w'·w', s'·w', s'·s'`` of the rescaled ``w' = w 2^-ew``, ``s' = s 2^-es``
+    (:func:`~optax_layca._layers.scaled_layer_dots`). Watched by a ``probe``, the same pass
+    also reads ``w⁰`` and ``g``: ``extra`` holds ``dd, dw, ds = δ·δ, δ·w', δ·s'`` for
+    ``δ = (w - w⁰) 2^-ew``, and ``gg, eg`` with ``‖g‖² = gg 4^eg``; with ``probe.due``, only
+    on due steps (``lax.cond`` on the stored arrays; zeros otherwise).
+    """
+    if probe is None:
+        abc, exps = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
+        return abc, exps, {}
+    raw = (w, s, probe.reference[lo.path], probe.grads[lo.path])
+
+    def make(w, s, w0, g):
+        w32 = w.astype(jnp.float32)
+        return w32, s.astype(jnp.float32), w32 - w0.astype(jnp.float32), g.astype(jnp.float32)
+
+    def watched(*raw):
+        pairs = ((0, 0), (1, 0), (1, 1), (2, 2), (2, 0), (2, 1), (3, 3))
+        dots, (ew, es, eg) = scaled_layer_dots(lo, pairs, *raw, make=make, groups=(0, 1, 0, 2),
+                                               sources=((0,), (1,), (0, 2), (3,)))
+        return dots, (ew, es, eg)
+
+    def plain(w, s, *_):
+        abc, (ew, es) = scaled_layer_dots(lo, ((0, 0), (1, 0), (1, 1)), w, s)
+        return abc + (jnp.zeros_like(abc[0]),) * 4, (ew, es, jnp.zeros_like(ew))
+
+    dots, (ew, es, eg) = (watched(*raw) if probe.due is None
+                          else jax.lax.cond(probe.due, watched, plain, *raw))
+    extra = dict(zip(("dd", "dw", "ds", "gg"), dots[3:]), eg=eg)
+    return dots[:3], (ew, es), extra
+
+
+def probe_figures(lo, probe, sums, tangent, poisoned, update, w, s):
+    """The monitor's figures of one watched layer from fused Layca's scalars (w' units).
+
+    With ``u = (k-1) w - kρ ŝ``, ``ŝ ⊥ w``, ``‖ŝ‖ = ‖w‖``: ``‖w + u‖ = k ‖w‖ √(1+ρ²)``,
+    ``‖u‖ = ‖w‖ √((k-1)² + k²ρ²)``, the step angle is ``arctan ρ`` (0 if the layer does not
+    move), and ``‖e‖²`` of ``e = w + u - w⁰ = δ + u`` is ``δ·δ + ‖u‖² + 2(k-1) δ·w - 2kρ δ·ŝ``
+    for the law of cosines (:func:`~optax_layca._layers.distance_to_reference`, whose
+    explicit fallback recomputes ``e`` with ``update``). These are the float32 figures of the
+    exact ``w + u``; the standalone monitor measures the stored ``fl(w + u)``, whose rounding
+    moves directions by at most eps/2 rad.
+    """
+    a, ew, t = sums["a"], sums["ew"], tangent
+    k = t["k_minus_1"] + 1.0
+    root_a = jnp.sqrt(jnp.where(a > 0, a, 0.0))
+    big_a = probe.reference_norm[lo.path] * pow2(-ew)
+    big_b = k * root_a * jnp.sqrt(1.0 + t["rho"] ** 2)
+    u_norm = root_a * jnp.sqrt(t["k_minus_1"] ** 2 + (k * t["rho"]) ** 2)
+    ee = (sums["dd"] + u_norm**2 + 2.0 * t["k_minus_1"] * sums["dw"]
+          - 2.0 * k * t["rho"] * t["inv"] * t["dperp"])
+    unit = pow2(-ew)
+
+    def vectors(w, s, w0):
+        w32 = w.astype(jnp.float32)
+        return (w32 + update(w, s) - w0.astype(jnp.float32)) * unit, w0.astype(jnp.float32) * unit
+
+    due = True if probe.due is None else probe.due
+    cos = distance_to_reference(lo, ee, big_a, big_b, vectors, w, s, probe.reference[lo.path],
+                                gate=due)
+    step = jnp.where(t["moves"] & (k > 0), jnp.arctan(t["rho"]), 0.0)
+    scale = pow2(ew)
+    bad = poisoned | jnp.isnan(ee)
+    return (nan_where(bad, step), nan_where(bad, cos), jnp.sqrt(sums["gg"]) * pow2(sums["eg"]),
+            nan_where(bad, big_b * scale), nan_where(bad, u_norm * scale))
+
+
+def layca_tangent_part(lo: LeafLayout, w, s, ew, es, a, b, c, w0=None, dperp=None):
+    """``(‖s⊥‖², b, δ·s⊥)`` of ``s⊥ = s' - (b/a) w'`` from the one-pass ``a = w'·w', b = s'·w',
+    c = s'·s'`` of ``w' = w 2^-ew, s' = s 2^-es`` (``w``, ``s``: the stored arrays, so that
+    the branch below reads them rather than a materialised rescaled copy). With ``w0`` (the
+    rotation monitor's reference, :class:`RotationProbe`), ``δ·s⊥`` for ``δ = (w - w⁰) 2^-ew``
+    too, given its one-pass value ``dperp`` (else None).
+
+    ``‖s⊥‖² = c − b²/a`` cancels when ``s`` is nearly parallel to ``w`` (``‖s‖/‖s⊥‖ = R``):
+    its relative error is ``~eps R²``, i.e. 0.4% at R = 100 and 100% at R ≈ 1000, so the
+    rotation would miss ``arctan(ρ)``, and the float32 error of ``b`` leaves a radial part
+    ``~eps R`` in ``s - (b/a) w`` that breaks the analytic op 4. That happens near a minimum on
+    the sphere or with an L2 term in the loss. Only then (a scalar test; ``lax.cond``) a
+    second pass forms ``s⊥`` explicitly: its residual radial part ``e = s⊥·w`` corrects ``b``
+    and ``‖s⊥‖²`` is summed directly, as in the chained form.
+    """
+    a_safe = jnp.where(a > 0, a, 1.0)
+    # b * (b / a), not b² / a: b² overflows where a and c do not
+    proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
+    raw = (w, s) if w0 is None else (w, s, w0)
+
+    def second_pass(w, s, *w0):
+        w32, s32 = upcast(w, s)
+        w32 = w32 * pow2(-ew)
+        perp = s32 * pow2(-es) - (b / a_safe) * w32
+        xs, pairs = (perp, w32), ((0, 1), (0, 0))
+        if w0:
+            xs, pairs = xs + ((w32 - w0[0].astype(jnp.float32) * pow2(-ew)),), pairs + ((0, 2),)
+        e, pp, *dp = layer_dots(lo, pairs, *xs)
+        return (jnp.maximum(pp - e * (e / a_safe), 0.0), b + e, *dp)
+
+    near_parallel = jnp.any((a > 0) & (PRECISE_RATIO**2 * proj2 < c))
+    keep = (proj2, b) if w0 is None else (proj2, b, dperp)
+    out = jax.lax.cond(near_parallel, second_pass, lambda *_: keep, *raw)
+    return out if w0 is not None else (*out, None)
 
 
 def layca_layer_update(
@@ -359,52 +525,61 @@ def layca_layer_update(
     rho: jax.Array,
     parallel_tol: float,
     min_step_norm: float = 0.0,
+    probe: RotationProbe | None = None,
 ) -> jax.Array:
     """Fused Layca ops 1–4 for one layer leaf at per-layer rate ``rho`` (see :func:`scale_by_layca`).
 
     ``rho`` broadcasts against the leaf's per-layer reductions (reduced axes kept), so it may be
     a scalar or hold one rate per stacked layer/unit. Shared by :func:`scale_by_layca` and
     ``adapt_copy``.
+
+    The algebra runs on ``w' = w 2^-ew`` and ``s' = s 2^-es``, power-of-two rescalings that are
+    exact and leave every ratio unchanged (:func:`~optax_layca._layers.scaled_layer_dots`; the
+    exponents are 0 unless a float32 sum would under- or overflow), so a direction of any
+    float32 scale (Adam right after a zero gradient gives ~1e-19) rotates by ``arctan(ρ)`` and
+    keeps ``‖w⁰‖``, as do tiny or huge weights. NaN or Inf in ``s``, ``w``, ``‖w⁰‖`` or ``ρ``
+    gives NaN for that layer. With a ``probe`` watching the layer, the rotation monitor's
+    figures are computed alongside (see :class:`RotationProbe`).
     """
-    w32, s32 = upcast(w, s)
-    rho = jnp.asarray(rho).astype(w32.dtype)
-    a, b, c = layer_dot(w32, w32, lo), layer_dot(s32, w32, lo), layer_dot(s32, s32, lo)
+    rho = jnp.asarray(rho).astype(compute_dtype(w, s))
+    watch = probe is not None and probe.watches(lo, w)
+    (a, b, c), (ew, es), extra = layca_sums(lo, w, s, probe if watch else None)
+    poisoned = jnp.isnan(a + b + c + n0 + rho)
+    w0 = probe.reference[lo.path] if watch else None
+    dperp = extra["ds"] - (b / jnp.where(a > 0, a, 1.0)) * extra["dw"] if watch else None
+    proj2, b, dperp = layca_tangent_part(lo, w, s, ew, es, a, b, c, w0, dperp)
     has_norm = a > 0
     a_safe = jnp.where(has_norm, a, 1.0)
-    # b * (b / a), not b² / a: b² overflows float32 for |w|, |s| ~ 1e10 and above.
-    proj2 = jnp.maximum(c - b * (b / a_safe), 0.0)
-    # c − b²/a cancels when s is nearly parallel to w (‖s‖/‖s⊥‖ = R): its relative error is
-    # ~eps·R², i.e. 0.4% at R = 100 and 100% at R ≈ 1000, so the rotation would miss arctan(ρ),
-    # and the float32 error of b leaves a radial part ~eps·R in s - (b/a) w that breaks the
-    # analytic op 4. That happens near a minimum on the sphere or with an L2 term in the loss.
-    # Only then (a cheap scalar test, so the common path keeps one reduction pass) take a
-    # second pass over s⊥ = s - (b/a) w: its residual radial part e = s⊥·w corrects b, and
-    # ‖s⊥‖² is summed directly, as in the chained form.
-    def second_pass():
-        perp = s32 - (b / a_safe) * w32
-        e = layer_dot(perp, w32, lo)
-        return jnp.maximum(layer_dot(perp, perp, lo) - e * (e / a_safe), 0.0), b + e
-
-    near_parallel = jnp.any(has_norm & (PRECISE_RATIO**2 * proj2 < c))
-    proj2, b = jax.lax.cond(near_parallel, second_pass, lambda: (proj2, b))
-    moves = has_norm & (proj2 > parallel_tol**2 * c)
-    # The authors' guard: absolute, on the lr-scaled projected step ρ‖s⊥‖ (written so that a
-    # NaN ρ still propagates).
-    moves = moves & ~(rho * rho * proj2 <= min_step_norm**2)
-    root_a = jnp.sqrt(a_safe)
-    # ŝ = (s - (b/a) w) · inv, with ‖ŝ‖ = ‖w‖.
-    inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
     # A layer that does not rotate (zero or parallel step, or ρ = 0) stays exactly put: no
     # radial float32 renormalisation either, so a zero gradient gives a zero update.
-    moves = moves & (rho != 0)
+    moves = has_norm & (proj2 > parallel_tol**2 * c) & (rho != 0)
+    # The authors' guard: absolute, on the lr-scaled projected step ρ‖s⊥‖ = ρ √proj2 2^es
+    # (written so that a NaN ρ still propagates).
+    moves = moves & ~(rho * rho * proj2 <= jnp.square(min_step_norm * pow2(-es)))
     rho = jnp.where(moves, rho, 0.0)
-    # k - 1 via expm1 keeps the tiny radial correction accurate for small ρ.
-    log_k = jnp.log(jnp.where(n0 > 0, n0, 1.0)) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
+    root_a = jnp.sqrt(a_safe)
+    # ŝ' = (s' - (b/a) w') · inv, with ‖ŝ'‖ = ‖w'‖.
+    inv = jnp.where(moves, root_a / jnp.sqrt(jnp.where(moves, proj2, 1.0)), 0.0)
+    # k = ‖w⁰‖ / (‖w‖ √(1+ρ²)) = (‖w⁰‖ 2^-ew) / (√a' √(1+ρ²)); k - 1 via expm1 keeps the
+    # tiny radial correction accurate for small ρ.
+    n0s = jnp.where(n0 > 0, n0 * pow2(-ew), 1.0)
+    log_k = jnp.log(n0s) - jnp.log(root_a) - 0.5 * jnp.log1p(rho**2)
     k_minus_1 = jnp.where(n0 > 0, jnp.where(moves, jnp.expm1(log_k), 0.0), -1.0)
     k = k_minus_1 + 1.0
     coef_w = jnp.where(has_norm, k_minus_1 + k * rho * inv * (b / a_safe), 0.0)
-    coef_s = jnp.where(has_norm, -k * rho * inv, 0.0)
-    return (coef_w * w32 + coef_s * s32).astype(s.dtype)
+    # on s' = s 2^-es; the factor 2^ew puts the step back at the scale of w
+    coef_s = jnp.where(has_norm, -k * rho * inv, 0.0) * pow2(ew)
+    coef_w, coef_s = nan_where(poisoned, coef_w), nan_where(poisoned, coef_s)
+
+    def update(w, s):  # one elementwise pass (s 2^-es: a multiply by 1 on the usual path)
+        w32, s32 = upcast(w, s)
+        return coef_w * w32 + coef_s * (s32 * pow2(-es))
+
+    if watch:
+        tangent = dict(moves=moves, k_minus_1=k_minus_1, rho=rho, inv=inv, dperp=dperp)
+        probe.figures[lo.path] = probe_figures(
+            lo, probe, dict(a=a, ew=ew, **extra), tangent, poisoned, update, w, s)
+    return update(w, s).astype(s.dtype)
 
 
 class ScaleByLaycaState(NamedTuple):
@@ -510,7 +685,7 @@ def scale_by_layca(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
+        probe = extra_args.get("rotation_probe")  # from a wrapping track_rotation
         check_params(updates, params)
         check_like_init(updates, state.initial_norm, layering, "scale_by_layca")
         lr = value_at(rate, state.count)
@@ -518,14 +693,14 @@ def scale_by_layca(
 
         def fused(lo, s, w, n0, depth):
             if not lo.is_layer:
-                if non_layer == "freeze":
-                    return jnp.zeros_like(s)
                 s32 = upcast(s)
+                if non_layer == "freeze":  # 0, but NaN for a NaN gradient (0 * NaN)
+                    return (0.0 * s32).astype(s.dtype)
                 return (-lr.astype(s32.dtype) * s32).astype(s.dtype)
             dtype = compute_dtype(s, w)
             m = multiplier_at_depth(a_t, depth, state.num_layers, dtype)
             rho = lr.astype(dtype) * m
-            return layca_layer_update(lo, s, w, n0, rho, parallel_tol, min_step_norm)
+            return layca_layer_update(lo, s, w, n0, rho, parallel_tol, min_step_norm, probe)
 
         updates = layering.map(fused, updates, params, state.initial_norm, state.layer_depth)
         return updates, state._replace(count=optax.safe_increment(state.count))

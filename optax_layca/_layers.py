@@ -8,6 +8,7 @@ never at values, so it runs at trace time and never causes a retrace.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -277,10 +278,15 @@ def compute_dtype(*xs: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
-def upcast(*xs: jax.Array) -> Any:
-    """The arrays cast to their common :func:`compute_dtype` (one array for one argument)."""
+def upcast_all(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """The arrays cast to their common :func:`compute_dtype`."""
     dtype = compute_dtype(*xs)
-    out = tuple(jnp.asarray(x).astype(dtype) for x in xs)
+    return tuple(jnp.asarray(x).astype(dtype) for x in xs)
+
+
+def upcast(*xs: jax.Array) -> Any:
+    """:func:`upcast_all`, but one array (not a tuple) for one argument."""
+    out = upcast_all(*xs)
     return out[0] if len(out) == 1 else out
 
 
@@ -293,6 +299,187 @@ def layer_dot(x: jax.Array, y: jax.Array, lo: LeafLayout) -> jax.Array:
 def layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
     """Per-layer Euclidean norm in :func:`compute_dtype`, reduced axes kept."""
     return jnp.sqrt(layer_dot(x, x, lo))
+
+
+# Row length of the one-pass reduction of :func:`layer_dots`: one 512-bit vector of float32.
+# Measured on AVX-512 (benchmarks/update_step.py): rows of 16 read the operands at the speed
+# of a single dot product; rows of 8 or 32 are 1.5-3x slower.
+DOTS_ROW = 16
+
+
+def layer_dots(lo: LeafLayout, pairs: Sequence[tuple[int, int]], *xs: jax.Array):
+    """Per-layer inner products ``xs[i]·xs[j]`` for ``(i, j)`` in ``pairs`` (float32, keepdims).
+
+    XLA:CPU runs sibling ``jnp.sum`` reductions one after the other, each re-reading its
+    operands: ``w·w, s·w, s·s`` cost four tensor reads. When the last axis is reduced and
+    holds a multiple of :data:`DOTS_ROW` elements, this computes every product in *one* pass
+    instead: a variadic ``lax.reduce`` over rows of 16 (splitting only the last axis, so a
+    sharded leaf stays sharded alike), then a short sum of the row partials. Otherwise (e.g.
+    ``per_unit``, which keeps the last axis) it falls back to one ``jnp.sum`` per pair.
+
+    Error: a 16-term sequential float32 sum, then the ``jnp.sum`` of the partials, so the
+    usual blocked-summation bound ``|err| <= (16 + log2 n) eps sum|x_i y_i|`` (eps = 2**-24)
+    plus the products' own rounding.
+    """
+    xs32 = upcast_all(*xs)
+    shape = xs32[0].shape
+    last = len(shape) - 1
+    if last < 0 or last not in lo.reduce_axes or shape[last] % DOTS_ROW or not shape[last]:
+        return tuple(jnp.sum(xs32[i] * xs32[j], lo.reduce_axes, keepdims=True) for i, j in pairs)
+    rows = [x.reshape(*shape[:-1], shape[-1] // DOTS_ROW, DOTS_ROW) for x in xs32]
+    zero = jnp.zeros((), xs32[0].dtype)
+    partial = jax.lax.reduce(
+        tuple(rows[i] * rows[j] for i, j in pairs),
+        (zero,) * len(pairs),
+        lambda acc, x: tuple(p + q for p, q in zip(acc, x)),
+        (last + 1,),
+    )
+    return tuple(jnp.sum(p, lo.reduce_axes, keepdims=True) for p in partial)
+
+
+# A per-layer float32 sum of n squares is exact to float32 precision only inside
+# [n * SUM_TINY, SUM_HUGE]: XLA:CPU flushes products below 2**-126 (subnormal) to zero, and n
+# such losses stay under eps = 2**-24 of the sum only if it is >= n * 2**-126 / eps; above
+# 2**100 the scalar algebra on the sums (b * (b / a), 16 * c, a * (1 + rho**2)) could overflow.
+SUM_TINY = 2.0**-102
+SUM_HUGE = 2.0**100
+_NAN = float("nan")
+
+
+def nan_where(poisoned: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` with NaN in the layers flagged ``poisoned``: a NaN or Inf that came in must come
+    out visibly, never as the plausible 0 that a ``jnp.where`` guard would make of it."""
+    return jnp.where(poisoned, _NAN, x)
+
+
+def pow2(e: jax.Array) -> jax.Array:
+    """Exact float32 ``2**e`` for int32 ``e`` in ``[-126, 127]`` (built from its bits)."""
+    bits = (jnp.asarray(e, jnp.int32) + 127) << 23
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def reduced_size(lo: LeafLayout, shape: Sequence[int]) -> int:
+    """Number of elements summed into each per-layer figure of a leaf."""
+    return int(np.prod([shape[a] for a in lo.reduce_axes], dtype=np.int64))
+
+
+def scaled_layer_dots(
+    lo: LeafLayout,
+    pairs: Sequence[tuple[int, int]],
+    *raw: jax.Array,
+    make: Callable[..., tuple[jax.Array, ...]] | None = None,
+    groups: Sequence[int] | None = None,
+    sources: Sequence[Sequence[int]] | None = None,
+):
+    """:func:`layer_dots` that stay exact at any float32 scale: ``(dots, exponents)``.
+
+    The inputs are ``xs = make(*raw)`` (default: ``raw`` in float32): passing the stored
+    arrays and a function deriving the inputs from them (e.g. ``w + u``) keeps the derived
+    ones fused into the reductions; a ``lax.cond`` operand is always materialised.
+    ``sources[i]`` lists the ``raw`` arrays that bound ``xs[i]`` (default ``(i,)``; ``w + u``
+    is bounded by ``w`` and ``u``): exponents come from their ``max |raw|``, never from a
+    materialised derived array.
+
+    Returns the per-layer dots of the rescaled inputs ``x_i · 2^-e_g`` and the int32
+    per-layer exponent ``e_g`` of each group ``g`` (keepdims): inputs in one group (``groups[i]``,
+    default: each input its own) share an exponent, so that ``xs[i]·xs[j] = dots[k] · 2^(e_gi
+    + e_gj)``. When, in every group, the largest
+    square lies in ``[n SUM_TINY, SUM_HUGE]`` and none is above (the usual case) the exponents
+    are 0 and the dots are those of one :func:`layer_dots` pass. Otherwise, and only then
+    (``lax.cond``; one extra pass for the per-layer ``max |x_i|``), each group is rescaled by
+    the power of two ``2^-e_g`` that brings its largest entry below 1 (below 2 for inputs
+    with several sources; exact: only exponents change) and the dots are recomputed. A layer with a NaN or Inf entry in any
+    input gets NaN dots. Each group needs one of its squares among ``pairs`` (its scale);
+    a cross term is bounded by the squares of its factors' groups.
+    """
+    if make is None:
+        make = upcast_all
+    xs = make(*raw)
+    groups = tuple(range(len(xs))) if groups is None else tuple(groups)
+    sources = tuple((i,) for i in range(len(xs))) if sources is None else tuple(sources)
+    dots = layer_dots(lo, pairs, *xs)
+    diag = {i: dots[k] for k, (i, j) in enumerate(pairs) if i == j}
+    tiny = reduced_size(lo, xs[0].shape) * SUM_TINY
+    members = {g: [i for i in range(len(xs)) if groups[i] == g] for g in sorted(set(groups))}
+    squares = {g: [diag[i] for i in m if i in diag] for g, m in members.items()}
+    if not all(squares.values()):
+        raise ValueError("scaled_layer_dots: every group needs a square among `pairs`.")
+    bad = [(functools.reduce(jnp.maximum, sq) < tiny)
+           | functools.reduce(jnp.logical_or, [~(x <= SUM_HUGE) for x in sq])
+           for sq in squares.values()]
+    zeros = {g: jnp.zeros(dots[0].shape, jnp.int32) for g in members}
+
+    def rescaled(*raw):
+        peaks = [jnp.max(jnp.abs(upcast(r)), lo.reduce_axes, keepdims=True)
+                 for r in raw]
+        exps = {}
+        for g, m in members.items():
+            src = sorted({j for i in m for j in sources[i]})
+            top = functools.reduce(jnp.maximum, [peaks[j] for j in src])
+            carry = int(any(len(sources[i]) > 1 for i in m))  # a sum of two may double
+            exps[g] = jnp.clip(jnp.frexp(top)[1] + carry, -126, 126).astype(jnp.int32)
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(m) for m in peaks])
+        xs = make(*raw)  # recomputed here, fused into the one reduction below
+        out = layer_dots(lo, pairs, *(x * pow2(-exps[g]) for x, g in zip(xs, groups)))
+        return tuple(jnp.where(finite, d, _NAN) for d in out), exps
+
+    dots, exps = jax.lax.cond(jnp.any(functools.reduce(jnp.logical_or, bad)), rescaled,
+                              lambda *raw: (dots, zeros), *raw)
+    return dots, tuple(exps[g] for g in members)
+
+
+def scaled_layer_norm(x: jax.Array, lo: LeafLayout) -> jax.Array:
+    """Per-layer Euclidean norm (float32, keepdims), right at any scale of ``x`` (NaN for a
+    layer with a NaN or Inf entry); see :func:`scaled_layer_dots`."""
+    (xx,), (e,) = scaled_layer_dots(lo, ((0, 0),), x)
+    return jnp.sqrt(xx) * pow2(e)
+
+
+# One-pass ‖x⊥‖² = ‖x‖² - (x·r)²/‖r‖² (and the law of cosines) carry an error of ~4 eps ‖x‖²
+# (eps = 2**-24, the float32 sums and the squared radial part): relative to ‖x⊥‖² that is
+# <= 4 eps / CANCEL = 2.4e-5 while ‖x⊥‖² >= CANCEL ‖x‖²; below, the projection is formed
+# explicitly. Within ~1e-3 rad of w⁰ (‖e‖² below NEAR_REFERENCE ‖w⁰‖²) the distance is also
+# formed explicitly: there the rounding of ‖w'‖ - ‖w⁰‖ (~eps ‖w⁰‖) matters against ‖e‖.
+CANCEL = 1e-2
+NEAR_REFERENCE = 1e-6
+
+
+def distance_to_reference(
+    lo: LeafLayout,
+    ee: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    vectors: Callable,
+    *raw: jax.Array,
+    gate: jax.Array | bool = True,
+) -> jax.Array:
+    """Per-layer ``1 - cos(w', w⁰)`` (keepdims, in ``[0, 2]``, 0 if either is zero).
+
+    From ``ee = ‖e‖²`` (one pass), ``e = w' - w⁰``, ``a = ‖w⁰‖`` and ``b = ‖w'‖`` (all in the
+    same units) by the law of cosines, ``(‖e‖² - (b - a)²) / (2ab)`` with ``b - a = (b² - a²)
+    / (a + b)``. Where that cancels (see :data:`CANCEL`, :data:`NEAR_REFERENCE`; ``lax.cond``)
+    ``(e, w⁰) = vectors(*raw)`` are recomputed from the stored arrays ``raw`` and ``e`` is
+    projected off ``w⁰`` explicitly, its coefficient refined once (which removes the radial
+    residue of its own rounding), each pass fused into its reduction. ``gate`` False skips
+    that fallback (a step whose figures are not kept).
+    """
+    radial = (b * b - a * a) / jnp.where(a + b > 0, a + b, 1.0)
+    tangential2 = jnp.maximum(ee - radial * radial, 0.0)  # 2ab (1 - cos)
+    inexact = gate & jnp.any((tangential2 < CANCEL * ee) | (ee < NEAR_REFERENCE * a * a))
+
+    def explicit(*raw):
+        w00 = jnp.where(a > 0, a * a, 1.0)
+        (ew,) = layer_dots(lo, ((0, 1),), *vectors(*raw))
+        off = lambda f: (lambda e, w0: (e - f * w0, w0))(*vectors(*raw))  # noqa: E731
+        f = ew / w00
+        f = f + layer_dots(lo, ((0, 1),), *off(f))[0] / w00
+        (epp,) = layer_dots(lo, ((0, 0),), off(f)[0])
+        theta = jnp.arctan2(jnp.sqrt(epp) * a, a * a + ew)
+        return 4.0 * a * b * jnp.square(jnp.sin(0.5 * theta))
+
+    tangential2 = jax.lax.cond(inexact, explicit, lambda *_: tangential2, *raw)
+    ab = a * b
+    return jnp.where(ab > 0, jnp.clip(tangential2 / jnp.where(ab > 0, 2.0 * ab, 1.0), 0, 2), 0)
 
 
 def kept_shape(lo: LeafLayout, shape: Sequence[int]) -> tuple[int, ...]:

@@ -45,6 +45,8 @@ def _check_base_direction(base: optax.GradientTransformation) -> optax.GradientT
     with it; a full optimizer (already multiplied by ``-learning_rate``) gives a negative one.
     The probe runs once, on the host, and only when ``init`` sees concrete params.
     """
+    # the wrapper takes extra arguments (optax.chain forwards them), so `base` must accept them
+    base = optax.with_extra_args_support(base)
 
     def init_fn(params):
         state = base.init(params)
@@ -103,7 +105,8 @@ def _non_layer_mask(layering: Layering):
 
 def _freeze_non_layers(layering: Layering, non_layer: str) -> optax.GradientTransformation:
     if non_layer == "freeze":
-        return optax.masked(optax.set_to_zero(), _non_layer_mask(layering))
+        # scale(0), not set_to_zero(): 0 × NaN = NaN keeps a NaN gradient visible
+        return optax.masked(optax.scale(0.0), _non_layer_mask(layering))
     return optax.identity()
 
 

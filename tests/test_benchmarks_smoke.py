@@ -18,7 +18,7 @@ def test_run_all_quick(tmp_path):
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     index = (tmp_path / "README.md").read_text()
-    for name in ["update_step", "monitor_overhead", "lca", "scaling", "multi_device"]:
+    for name in ["update_step", "train_step", "monitor_overhead", "lca", "scaling", "multi_device"]:
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["environment"]["jax"], name
         assert (tmp_path / f"{name}.md").read_text().count("|") > 4, name
