@@ -206,6 +206,27 @@ def _check_args(past_end, target, max_angle, parallel_tol, non_layer_learning_ra
         check_learning_rate(non_layer_learning_rate, "adapt_copy(non_layer_learning_rate=...)")
 
 
+def _check_recorded_layers(rates: dict, layers: dict, nonempty: bool) -> None:
+    """Raises unless the recording has one rate table per layer of params, of its shape."""
+    # an empty tree (``optax.masked(tx, {})``, an unused partition label) has no layer to
+    # match: the transform then acts on nothing
+    unknown = [p for p in rates if p not in layers] if nonempty else []
+    missing = [p for p in natural_order(layers) if p not in rates]
+    if unknown or missing:
+        raise ValueError(
+            "`adapt_copy`: the recorded layers do not match the layers of params. "
+            f"Recorded but not in params: {unknown}; in params but not recorded: {missing}."
+        )
+    for p, (lo, x) in layers.items():
+        want = kept_shape(lo, np.shape(x))
+        if tuple(rates[p].shape[1:]) != want:
+            raise ValueError(
+                f"`adapt_copy`: layer {p!r} has one rate per step of shape "
+                f"{tuple(rates[p].shape[1:])}, but its layout needs {want} "
+                "(check `layer_axis`/`per_unit`)."
+            )
+
+
 def scale_by_adapt_copy(
     history_or_table: RotationRecord | Mapping[str, Any],
     *,
@@ -240,23 +261,7 @@ def scale_by_adapt_copy(
             for lo, x in zip(layering.layouts(params), jax.tree.leaves(params))
             if lo.is_layer
         }
-        # an empty tree (``optax.masked(tx, {})``, an unused partition label) has no layer to
-        # match: the transform then acts on nothing
-        unknown = [p for p in rates if p not in layers] if jax.tree.leaves(params) else []
-        missing = [p for p in natural_order(layers) if p not in rates]
-        if unknown or missing:
-            raise ValueError(
-                "`adapt_copy`: the recorded layers do not match the layers of params. "
-                f"Recorded but not in params: {unknown}; in params but not recorded: {missing}."
-            )
-        for p, (lo, x) in layers.items():
-            want = kept_shape(lo, np.shape(x))
-            if tuple(rates[p].shape[1:]) != want:
-                raise ValueError(
-                    f"`adapt_copy`: layer {p!r} has one rate per step of shape "
-                    f"{tuple(rates[p].shape[1:])}, but its layout needs {want} "
-                    "(check `layer_axis`/`per_unit`)."
-                )
+        _check_recorded_layers(rates, layers, bool(jax.tree.leaves(params)))
         norms = initial_layer_norms(params, layering, "adapt_copy")
         return AdaptCopyState(
             count=jnp.zeros((), jnp.int32),

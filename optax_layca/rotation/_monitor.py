@@ -235,6 +235,44 @@ def check_layers_like_init(layers: list, initial_layers: dict) -> None:
             )
 
 
+def _initial_state(layers: list, tracked_state: Any) -> TrackRotationState:
+    """The monitor's state at ``init``: a copy of every layer, its norm, zero figures."""
+    # fresh buffers per field: a state whose leaves share a buffer cannot be donated
+    zeros = lambda: {  # noqa: E731
+        lo.path: jnp.zeros(kept_shape(lo, np.shape(x)), jnp.float32) for lo, x in layers
+    }
+    # the figures are float32 whatever the params' dtype (documented), so is ‖w⁰‖
+    norms = {lo.path: scaled_layer_norm(x, lo).astype(jnp.float32) for lo, x in layers}
+    return TrackRotationState(
+        rotation_step=jnp.zeros((), jnp.int32),
+        initial_layers={lo.path: jnp.copy(x) for lo, x in layers},
+        initial_layer_norm=norms,
+        cosine_distance=zeros(),
+        step_angle=zeros(),
+        cumulative_angle=zeros(),
+        grad_norm=zeros(),
+        weight_norm={lo.path: squeeze_reduced(norms[lo.path], lo) for lo, _ in layers},
+        update_norm=zeros(),
+        tracked_state=tracked_state,
+        zero_initial_layer_norm={
+            lo.path: squeeze_reduced(norms[lo.path] == 0, lo) for lo, _ in layers
+        },
+    )
+
+
+def _probe(layering: Layering, layers: list, grads: Any, state: Any, due: Any) -> RotationProbe:
+    """What fused Layca needs to compute the monitor's figures in its own reduction pass."""
+    layouts = layering.layouts(grads)
+    return RotationProbe(
+        reference=state.initial_layers,
+        reference_norm=state.initial_layer_norm,
+        grads={lo.path: g for lo, g in zip(layouts, jax.tree.leaves(grads)) if lo.is_layer},
+        reduce_axes={lo.path: lo.reduce_axes for lo, _ in layers},
+        due=due,
+        figures={},
+    )
+
+
 def track_rotation(
     tx: optax.GradientTransformation | None = None,
     *,
@@ -335,27 +373,7 @@ def track_rotation(
         layers = layers_of(params)
         if not layers and jax.tree.leaves(params):
             raise no_layer_error(params, "track_rotation")
-        # fresh buffers per field: a state whose leaves share a buffer cannot be donated
-        zeros = lambda: {
-            lo.path: jnp.zeros(kept_shape(lo, np.shape(x)), jnp.float32) for lo, x in layers
-        }
-        # the figures are float32 whatever the params' dtype (documented), so is ‖w⁰‖
-        norms = {lo.path: scaled_layer_norm(x, lo).astype(jnp.float32) for lo, x in layers}
-        return TrackRotationState(
-            rotation_step=jnp.zeros((), jnp.int32),
-            initial_layers={lo.path: jnp.copy(x) for lo, x in layers},
-            initial_layer_norm=norms,
-            cosine_distance=zeros(),
-            step_angle=zeros(),
-            cumulative_angle=zeros(),
-            grad_norm=zeros(),
-            weight_norm={lo.path: squeeze_reduced(norms[lo.path], lo) for lo, _ in layers},
-            update_norm=zeros(),
-            tracked_state=inner.init(params),
-            zero_initial_layer_norm={
-                lo.path: squeeze_reduced(norms[lo.path] == 0, lo) for lo, _ in layers
-            },
-        )
+        return _initial_state(layers, inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -369,15 +387,7 @@ def track_rotation(
         due = None if every == 1 else (state.rotation_step + 1) % every == 0
         probe = None
         if tx is not None and final_is_fused_layca(state.tracked_state):
-            probe = RotationProbe(
-                reference=state.initial_layers,
-                reference_norm=state.initial_layer_norm,
-                grads={lo.path: g for lo, g in zip(layering.layouts(grads), jax.tree.leaves(grads))
-                       if lo.is_layer},
-                reduce_axes={lo.path: lo.reduce_axes for lo, _ in layers},
-                due=due,
-                figures={},
-            )
+            probe = _probe(layering, layers, grads, state, due)
             extra_args = {**extra_args, "rotation_probe": probe}
         if isinstance(inner, optax.GradientTransformationExtraArgs):
             updates, inner_state = inner.update(updates, state.tracked_state, params, **extra_args)
