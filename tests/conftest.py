@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# notebooks/05_paper_gallery runs one quick experiment here (tests/test_reproduce_* run them all)
+os.environ.setdefault("OPTAX_LAYCA_GALLERY", "phase-lag")
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402

@@ -98,8 +98,16 @@ class Reference:
     )
 
     def cite(self) -> str:
-        """``"Authors, year, where"``."""
-        return f"{self.authors}, {self.year}, {self.where}"
+        """``"Authors, year, *short title*, where"`` (the same authors published two of the
+        papers in 2019: the title tells them apart)."""
+        return f"{self.authors}, {self.year}, *{self.short_title}*, {self.where}"
+
+    @property
+    def short_title(self) -> str:
+        """The title up to its colon, or its first six words."""
+        head = self.title.split(":")[0]
+        words = head.split()
+        return head if len(words) <= 6 else " ".join(words[:6]) + "…"
 
     def at(self, where: str) -> Reference:
         """The same paper, another figure or table."""
