@@ -29,14 +29,14 @@ scikit-learn and mnist1d are imported lazily, only by the loader that needs them
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
+
+from . import _io
 
 __all__ = [
     "DATASETS",
@@ -49,7 +49,6 @@ __all__ = [
     "split",
     "standardize",
     "user_cache_dir",
-    "write_npz_atomic",
 ]
 
 DATASETS = ("digits", "mnist1d")
@@ -334,7 +333,8 @@ def _mnist1d(seed: int):
     if d is None:
         d = _mnist1d_generate(seed)
         try:
-            write_npz_atomic(path, {**d, "checksum": np.asarray(_checksum(d))})
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            _io.write_npz(path, {**d, "checksum": np.asarray(_checksum(d))})
         except OSError:
             pass  # read-only home: no cache, same data
     x = np.asarray(d["x"], np.float32)[..., None]
@@ -360,27 +360,6 @@ def _read_checked_npz(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]
     except Exception:  # noqa: BLE001 - missing, truncated or foreign file: regenerate
         return None
     return d if stored == _checksum(d) else None
-
-
-def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Writes ``arrays`` to ``path`` atomically (temp file in the same folder, fsync,
-    ``os.replace``): a reader sees the old file or the complete new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _npz(path: str):

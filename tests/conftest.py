@@ -17,6 +17,14 @@ from typing import Any
 os.environ.setdefault("MPLBACKEND", "Agg")
 # notebooks/05_paper_gallery runs one quick experiment here (tests/test_reproduce_* run them all)
 os.environ.setdefault("OPTAX_LAYCA_GALLERY", "phase-lag")
+# JAX's persistent compilation cache, shared by the xdist workers and every subprocess (CLI,
+# notebooks, benchmarks, multi-device runs): tests rebuild the same optimizers and models many
+# times, and identical programs then compile once (measured: tests/test_properties.py 85 s ->
+# 43 s from an empty cache). Keyed by the program text and the jax version, so always safe.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402

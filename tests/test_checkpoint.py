@@ -38,7 +38,15 @@ def batches(n):
         yield jax.random.normal(kx, (32, 8)), jax.random.randint(ky, (32,), 0, 4)
 
 
-@pytest.mark.parametrize("name", sorted(transforms()))
+# three representatives by default (fused Layca + monitor, chained Layca, AdaptCopy); the others
+# run with -m extended
+DEFAULT = ("monitored", "layca_chain", "adapt_copy")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.extended) for n in sorted(transforms())],
+)
 def test_interrupted_run_resumes_bit_identically(name, tmp_path):
     tx = transforms()[name]
 

@@ -303,7 +303,7 @@ def test_lca_iters_and_epochs_are_honoured(blobs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["cnn", "resnet"])
+@pytest.mark.parametrize("model", ["cnn", pytest.param("resnet", marks=pytest.mark.extended)])
 def test_quick_demo_of_other_models(model, tmp_path):
     assert (
         cli.main(["demo", "--quick", "--model", model, "--no-progress", "--out", str(tmp_path)])

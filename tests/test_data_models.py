@@ -174,7 +174,7 @@ def test_other_npz_errors(tmp_path):
         load_dataset("digits", seed=2**32)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     dtype=st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
                            np.uint32, np.uint64]),

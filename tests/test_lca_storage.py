@@ -185,7 +185,7 @@ def test_intact_copy_reads_back(run):
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(which=st.integers(0, 3), where=st.floats(0.0, 1.0), mode=st.sampled_from(["cut", "flip"]))
 def test_any_damage_is_caught_or_harmless(runs, tmp_path_factory, which, where, mode):

@@ -93,7 +93,7 @@ RANDOM_TREES = ["layca_sgd", "layca_sgd_chained", "layca_adam", "lars", "per_uni
 
 
 @pytest.mark.parametrize("name", RANDOM_TREES)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees(leaves()))
 def test_finite_in_finite_out_structure_and_dtype(name, tree):
     params, grads = split(tree)
@@ -120,7 +120,7 @@ def test_finite_in_finite_out_structure_and_dtype(name, tree):
         assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))), name
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(tree=trees(leaves()), lr=st.sampled_from([1e-4, 0.05, 1.0, 10.0]))
 def test_layca_keeps_norm_and_rotates_by_arctan(tree, lr):
     params, grads = split(tree)
@@ -181,7 +181,7 @@ def _replace_leaf(tree, index, fn):
 @pytest.mark.parametrize("name", ["layca_sgd", "layca_sgd_chained", "lars", "scale_by_layca",
                                   "project_orthogonal", "project_to_initial_norm",
                                   "cap_norm_increase", "chain(layca, track_rotation)"])
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees(leaves()), pick=st.integers(0, 100), reshape=st.booleans())
 def test_a_dropped_or_reshaped_leaf_is_named(name, tree, pick, reshape):
     params, grads = split(tree)
@@ -254,7 +254,7 @@ def _valid(value, interval):
 
 
 @pytest.mark.parametrize("which", sorted(NUMERIC_ARGS))
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(value=ANY_VALUE)
 def test_every_numeric_argument_is_validated_by_name(which, value):
     make, arg, interval = NUMERIC_ARGS[which]
@@ -275,7 +275,7 @@ INT_ARGS = {
 
 
 @pytest.mark.parametrize("which", sorted(INT_ARGS))
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(value=st.one_of(st.integers(-3, 5), st.builds(np.int64, st.integers(-3, 5)),
                        st.floats(-3, 5), st.booleans(), st.none(), st.text(max_size=2)))
 def test_every_int_argument_takes_python_and_numpy_ints_only(which, value):

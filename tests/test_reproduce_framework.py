@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from optax_layca import _io
 from optax_layca.app import _experiments, _report
 from optax_layca.app._experiments import _common, _runner
 
@@ -99,8 +100,12 @@ def test_json_records_are_atomic_and_checked(tmp_path):
         f.truncate(20)
     with pytest.raises(ValueError):
         _report.read_json(path)
-    with pytest.raises(RuntimeError), _report.atomic_path(str(tmp_path / "never")):
+    def crash(f):
+        f.write(b"half a record")
         raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError):
+        _io.atomic_write(str(tmp_path / "never"), crash)
     assert sorted(os.listdir(tmp_path)) == ["r.json"]  # no temp file left, nothing replaced
 
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import _io
+
 __all__ = [
     "OutputError",
-    "atomic_path",
     "check_writable",
     "file_digest",
     "md_table",
@@ -46,35 +47,9 @@ class OutputError(OSError):
     """An output folder or file cannot be written (reported as one line by the command)."""
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
-    """Yields a temporary path beside ``path``; on success it is fsynced and moved onto
-    ``path`` (``os.replace``), on failure removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    _io.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def to_json(x: Any, digits: int = 7) -> Any:
@@ -117,9 +92,9 @@ def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
     """Saves a matplotlib figure atomically, closes it, returns the file name."""
     import matplotlib.pyplot as plt
 
+    fmt = os.path.splitext(path)[1].lstrip(".") or None
     try:
-        with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        _io.atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return os.path.basename(path)
@@ -128,10 +103,7 @@ def save_figure(fig: Any, path: str, dpi: int = 110) -> str:
 def save_history(history: Any, path: str) -> dict[str, str]:
     """Saves a :class:`~optax_layca.rotation.RotationHistory` atomically (``.npz``); returns
     ``{"file": relative name, "blake2b": digest}`` for the record that refers to it."""
-    with atomic_path(path, suffix=".npz") as tmp:
-        written = str(history.save(tmp))
-        if written != tmp:  # save() appends .npz to other suffixes
-            os.replace(written, tmp)
+    history.save(path)  # atomic itself
     return {"file": os.path.basename(path), "blake2b": file_digest(path)}
 
 

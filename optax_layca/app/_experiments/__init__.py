@@ -69,6 +69,7 @@ from typing import Any
 __all__ = [
     "AGREES",
     "CARBONNELLE_2019",
+    "CARBONNELLE_EXTENDED_2019",
     "INCONCLUSIVE",
     "NOT_REPRODUCED",
     "STATUSES",
@@ -117,6 +118,13 @@ class Reference:
 CARBONNELLE_2019 = Reference("Carbonnelle & De Vleeschouwer", 2019, "")
 """Carbonnelle & De Vleeschouwer, `An experimental study of layer-level training speed and
 its impact on generalization`, 2019 (use ``CARBONNELLE_2019.at("Fig. 2a")``)."""
+CARBONNELLE_EXTENDED_2019 = Reference(
+    "Carbonnelle & De Vleeschouwer",
+    2019,
+    "",
+    title="Layer rotation: a surprisingly powerful indicator of generalization in deep networks?",
+)
+"""The extended version of :data:`CARBONNELLE_2019` (warmup, AdaptCopy, features)."""
 
 
 @dataclasses.dataclass(frozen=True)

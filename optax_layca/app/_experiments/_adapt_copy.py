@@ -22,11 +22,11 @@ import numpy as np
 
 from . import (
     AGREES,
+    CARBONNELLE_EXTENDED_2019,
     INCONCLUSIVE,
     NOT_REPRODUCED,
     Experiment,
     ExperimentConfig,
-    Reference,
     register,
 )
 from ._adaptive import OPTIMIZERS, curve_gap, gap_status
@@ -258,13 +258,7 @@ CLAIM = (
 register(
     Experiment(
         name=NAME,
-        reference=Reference(
-            "Carbonnelle & De Vleeschouwer",
-            2019,
-            "§5.4, Fig. 7",
-            title="Layer rotation: a surprisingly powerful indicator of generalization in deep "
-            "networks?",
-        ),
+        reference=CARBONNELLE_EXTENDED_2019.at("§5.4, Fig. 7"),
         claim=CLAIM,
         stand_in=(
             "MNIST-1D (3,600 train after a 10% validation split / 1,000 test) and a 6-layer "

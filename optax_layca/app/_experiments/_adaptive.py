@@ -27,11 +27,11 @@ import numpy as np
 
 from . import (
     AGREES,
+    CARBONNELLE_2019,
     INCONCLUSIVE,
     NOT_REPRODUCED,
     Experiment,
     ExperimentConfig,
-    Reference,
     register,
 )
 from ._common import (
@@ -452,9 +452,7 @@ CLAIM = (
 register(
     Experiment(
         name=NAME,
-        reference=Reference(
-            "Carbonnelle & De Vleeschouwer", 2019, "§5.2, Fig. 5 and 6, and App. A.5, Fig. 11"
-        ),
+        reference=CARBONNELLE_2019.at("§5.2, Fig. 5 and 6, and App. A.5, Fig. 11"),
         claim=CLAIM,
         stand_in=(
             "MNIST-1D (3,600 train after a 10% validation split / 1,000 test) and a 6-layer "

@@ -22,11 +22,11 @@ import numpy as np
 
 from . import (
     AGREES,
+    CARBONNELLE_EXTENDED_2019,
     INCONCLUSIVE,
     NOT_REPRODUCED,
     Experiment,
     ExperimentConfig,
-    Reference,
     register,
 )
 from ._common import combine, history_curves, rank_trend, run_summary, train_runs, trend_status
@@ -260,13 +260,7 @@ CLAIM = (
 register(
     Experiment(
         name=NAME,
-        reference=Reference(
-            "Carbonnelle & De Vleeschouwer",
-            2019,
-            "§6, Fig. 8",
-            title="Layer rotation: a surprisingly powerful indicator of generalization in deep "
-            "networks?",
-        ),
+        reference=CARBONNELLE_EXTENDED_2019.at("§6, Fig. 8"),
         claim=CLAIM,
         stand_in=(
             "scikit-learn's 8×8 digits (1,347 train / 450 test, ≈135 examples per class) and "

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import AGREES, INCONCLUSIVE, Experiment, ExperimentConfig, Reference, register
+from . import AGREES, CARBONNELLE_2019, INCONCLUSIVE, Experiment, ExperimentConfig, register
 from ._common import combine, compare_accuracies, rank_trend, run_summary, train_runs, trend_status
 
 __all__ = ["figure", "first_layer_feedback", "only_layer", "run", "verdict"]
@@ -322,9 +322,7 @@ CLAIM = (
 register(
     Experiment(
         name=NAME,
-        reference=Reference(
-            "Carbonnelle & De Vleeschouwer", 2019, "§1, Fig. 1 and App. A.1, Fig. 7"
-        ),
+        reference=CARBONNELLE_2019.at("§1, Fig. 1 and App. A.1, Fig. 7"),
         claim=CLAIM,
         stand_in=(
             "scikit-learn's 8×8 digits (64 pixels) reduced to its first 100 training examples "

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Experiment, ExperimentConfig, Reference, register
+from . import CARBONNELLE_EXTENDED_2019, Experiment, ExperimentConfig, register
 from ._common import (
     combine,
     compare_accuracies,
@@ -301,13 +301,7 @@ CLAIM = (
 register(
     Experiment(
         name=NAME,
-        reference=Reference(
-            "Carbonnelle & De Vleeschouwer",
-            2019,
-            "§5.3, Fig. 4",
-            title="Layer rotation: a surprisingly powerful indicator of generalization in deep "
-            "networks?",
-        ),
+        reference=CARBONNELLE_EXTENDED_2019.at("§5.3, Fig. 4"),
         claim=CLAIM,
         stand_in=(
             "MNIST-1D (4,000 train / 1,000 test) and a 6-layer ReLU MLP (width 64) stand in for "
