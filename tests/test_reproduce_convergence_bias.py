@@ -22,9 +22,7 @@ record = quick_fixture(NAME)
 def test_files_json_and_report_section(record):
     out, rec = record
     # at quick scale the high frequency may never be learned: no step, no coverage then
-    check_files_and_section(
-        out, NAME, rec, may_be_null=("learned_step", "coverage_at_high")
-    )
+    check_files_and_section(out, NAME, rec, may_be_null=("learned_step", "coverage_at_high"))
     # the high frequency is not learned in the quick run: its step and phase are undefined
     allowed = ("diverged_at", "config", "val_acc", "learned_step", "coverage_at_high")
     assert non_finite(rec, allowed=allowed) == []

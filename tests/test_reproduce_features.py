@@ -4,24 +4,19 @@ version, 2019, §6, Fig. 8)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from _reproduce_utils import check_files_and_section, non_finite, panel_titles, run_quick
+from _reproduce_utils import check_files_and_section, panel_titles, quick_fixture
 
 from optax_layca.app._experiments import _features
 
 NAME = "features"
 
 
-@pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    out = tmp_path_factory.mktemp(NAME)
-    return out, run_quick(NAME, out)
+record = quick_fixture(NAME)
 
 
 def test_files_json_and_report_section(record):
     out, rec = record
     check_files_and_section(out, NAME, rec, may_be_null=("val_acc",))  # no validation split
-    assert non_finite(rec, allowed=("diverged_at", "config", "val_acc")) == []
     assert rec["image_shape"] == [8, 8] and len(rec["units"]) == _features.NUM_UNITS
     for rows in rec["features"].values():
         assert np.shape(rows) == (64, _features.NUM_UNITS)

@@ -15,17 +15,23 @@ from optax_layca.app import _experiments, _report
 from optax_layca.app._experiments import _common, _runner
 
 SEEDS = {  # the paper of each reference, by title, as plain text
-    "An experimental study of layer-level training speed and its impact on generalization":
-        "000_*.txt",
+    "An experimental study of layer-level training speed and its impact on generalization": "000_*.txt",
     "LCA: Loss Change Allocation for Neural Network Training": "004_*.txt",
     "Which Layer is Learning Faster? A Systematic Exploration of Layer-wise Convergence Rate "
     "for Deep Neural Networks": "003_*.txt",
-    "Layer rotation: a surprisingly powerful indicator of generalization in deep networks?":
-        "002_*.txt",
+    "Layer rotation: a surprisingly powerful indicator of generalization in deep networks?": "002_*.txt",
 }
 PAPERS = {title: glob.glob(f"/work/shared/seeds/{pattern}") for title, pattern in SEEDS.items()}
-CARBONNELLE = ["one-layer-at-a-time", "rotation-grid", "weight-decay", "adaptive", "lars",
-               "warmup", "adapt-copy", "features"]  # first paper by figure, then the extended
+CARBONNELLE = [
+    "one-layer-at-a-time",
+    "rotation-grid",
+    "weight-decay",
+    "adaptive",
+    "lars",
+    "warmup",
+    "adapt-copy",
+    "features",
+]  # first paper by figure, then the extended
 
 
 def test_registry_lists_the_papers_experiments_in_order():
@@ -100,6 +106,7 @@ def test_json_records_are_atomic_and_checked(tmp_path):
         f.truncate(20)
     with pytest.raises(ValueError):
         _report.read_json(path)
+
     def crash(f):
         f.write(b"half a record")
         raise RuntimeError("crash while writing")

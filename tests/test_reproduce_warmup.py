@@ -6,18 +6,14 @@ from __future__ import annotations
 import types
 
 import numpy as np
-import pytest
-from _reproduce_utils import check_files_and_section, non_finite, panel_titles, run_quick
+from _reproduce_utils import check_files_and_section, non_finite, panel_titles, quick_fixture
 
 from optax_layca.app._experiments import _warmup
 
 NAME = "warmup"
 
 
-@pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    out = tmp_path_factory.mktemp(NAME)
-    return out, run_quick(NAME, out)
+record = quick_fixture(NAME)
 
 
 def test_files_json_and_report_section(record):
@@ -40,7 +36,8 @@ def test_figure_has_the_papers_panels(record):
     curves = [ax for ax in fig.subfigs[0].axes if ax.get_label() != "<colorbar>"]
     assert len(curves) == len(rec["shown"]) and all(len(ax.lines) == 6 for ax in curves)
     assert [ax.get_title().split("\n")[0] for ax in curves] == [
-        rec["runs"][k]["label"] for k in rec["shown"]]
+        rec["runs"][k]["label"] for k in rec["shown"]
+    ]
     plt.close(fig)
 
 
@@ -48,8 +45,9 @@ def test_warmup_schedule_is_the_papers():
     """From a tenth of the rate, linearly to the rate after d epochs, then the step decay."""
     spe, lr = 10, 0.3
     decay = lambda step: np.where(step >= 35, 0.2, 1.0)
-    task = types.SimpleNamespace(steps_per_epoch=spe,
-                                 schedule=lambda base: (lambda step: base * decay(step)))
+    task = types.SimpleNamespace(
+        steps_per_epoch=spe, schedule=lambda base: lambda step: base * decay(step)
+    )
     steps = np.arange(60)
     for i, d in enumerate(_warmup.WARMUPS):
         fn = _warmup.warmed_schedule(task, {"lr": lr, "warmup": np.float32(i)})
@@ -69,5 +67,6 @@ def test_layca_follows_the_warmup(record):
     ramp = 0.1 + 0.9 * (hist.steps[keep] - 1) / (d * spe)  # update t uses the rate of count t-1
     for path, angle in hist.get("step_angle").items():
         # float32 rate and angle: a few ulps (rtol 1e-5 = 80 ulps)
-        np.testing.assert_allclose(angle[keep], np.arctan(_warmup.LAYCA_RHO * ramp), rtol=1e-5,
-                                   err_msg=path)
+        np.testing.assert_allclose(
+            angle[keep], np.arctan(_warmup.LAYCA_RHO * ramp), rtol=1e-5, err_msg=path
+        )
