@@ -131,6 +131,7 @@ class RotationHistory:
             "per_unit": bool(per_unit),
         }
         self._run: str | None = None  # fingerprint of the recorded run's initial layer norms
+        self._run_checked = False  # whether this session's monitor state was checked against it
         self._names: tuple[str, ...] | None = None
         self._layers: tuple[str, ...] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -238,8 +239,6 @@ class RotationHistory:
         self._run, self._run_checked = run, True
         if self._frozen is None:
             self._check_frozen(monitor.zero_initial_layer_norm)
-
-    _run_checked = False
 
     def _check_frozen(self, zero_initial_layer_norm: Mapping[str, Any]) -> None:
         """Reads the monitor's zero-norm flags once (one small device sync) and warns."""
