@@ -19,24 +19,31 @@ sys.path.insert(0, sys.argv[1])
 from test_lca_trajectory import linreg, linreg_loss
 from optax_layca import lca
 
-directory, steps, hold = Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+directory, steps, hold, gate = Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 x, y, ws = linreg(steps=steps)
 with lca.LCARecorder(linreg_loss, (x, y), directory=directory, chunk_size=2) as rec:
     rec.start(ws[0])
     print("STARTED", flush=True)
-    for p in ws[1:]:
+    for i, p in enumerate(ws[1:], 1):
         rec(p)
         time.sleep(0.01)
+        # every GATE steps wait (at most a minute) until a reader has seen this far, so that
+        # readers see several prefixes however loaded the machine is
+        deadline = time.time() + 60
+        while gate != "-" and i % 10 == 0 and not Path(f"{gate}.{i}").exists():
+            if time.time() > deadline:
+                break
+            time.sleep(0.02)
     while hold != "-" and not Path(hold).exists():
         time.sleep(0.02)
 print("DONE", flush=True)
 """
 
 
-def _writer(directory, steps, hold="-"):
+def _writer(directory, steps, hold="-", gate="-"):
     tests = str(Path(__file__).resolve().parent)
     return subprocess.Popen(
-        [sys.executable, "-c", WRITER, tests, str(directory), str(steps), str(hold)],
+        [sys.executable, "-c", WRITER, tests, str(directory), str(steps), str(hold), str(gate)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -63,8 +70,8 @@ def test_second_writer_refused_while_first_lives(tmp_path):
 
 
 def test_readers_see_verified_prefixes_of_a_live_writer(tmp_path):
-    d, steps = tmp_path / "run", 40
-    proc = _writer(d, steps)
+    d, steps, gate = tmp_path / "run", 40, tmp_path / "seen"
+    proc = _writer(d, steps, gate=gate)
     seen = []
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
@@ -75,6 +82,8 @@ def test_readers_see_verified_prefixes_of_a_live_writer(tmp_path):
             continue
         assert h.iterations.tolist() == list(range(len(h)))
         seen.append(h)
+        for k in range(10, len(h) + 3, 10):  # flushed in chunks of 2: within 2 of the writer
+            Path(f"{gate}.{k}").touch()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "DONE" in out, err[-2000:]
     final = lca.load_trajectory(d)

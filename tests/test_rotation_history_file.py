@@ -116,6 +116,15 @@ def _wrong_rows(path):
     np.savez(path, **arrays)
 
 
+def _encrypted_flag(path):
+    """A damaged byte that sets the first member's "strong encryption" flag (zipfile raises
+    NotImplementedError, not BadZipFile)."""
+    data = bytearray(path.read_bytes())
+    entry = data.find(b"PK\x01\x02")  # the first central-directory entry
+    data[entry + 8] |= 0x41  # its general purpose bit flag: bits 0 and 6
+    path.write_bytes(bytes(data))
+
+
 def _foreign_meta(path):
     np.savez(path, __meta__=np.asarray(json.dumps({"format": "something/else"})))
 
@@ -129,6 +138,7 @@ CORRUPTIONS = {
     "foreign format": _foreign_meta,
     "no metadata": lambda p: np.savez(p, step=np.arange(3)),
     "pickled object": lambda p: np.savez(p, __meta__=np.array([{"a": 1}], dtype=object)),
+    "encrypted flag": _encrypted_flag,
 }
 
 

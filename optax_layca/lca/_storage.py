@@ -130,7 +130,18 @@ def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.nd
             return _read_open_npz(f, path, keys)
     except (FileNotFoundError, LCAStorageError):
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as err:
+    # NotImplementedError/RuntimeError: zipfile's answers to flag bits a damaged byte can set
+    # (an unsupported compression, "encrypted")
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        ValueError,
+        OSError,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,
+    ) as err:
         raise LCAStorageError(
             f"Record file {str(path)!r} is not a complete .npz archive (truncated or corrupt): "
             f"{type(err).__name__}: {err}."

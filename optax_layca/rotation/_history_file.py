@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,18 @@ def read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
         if found not in READABLE:
             raise ValueError(f"its format is {found!r}, not one of {READABLE}")
         check_complete(meta, data)
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    # NotImplementedError/RuntimeError: zipfile's answers to flag bits a damaged byte can set
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+    ) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(
