@@ -1,7 +1,7 @@
 """Whole jitted train steps: Layca, the papers' LARS and the rotation monitor vs optax.
 
     python benchmarks/train_step.py            # full: MLP, CNN, scanned transformer
-    python benchmarks/train_step.py --quick    # CI smoke: tiny models, a few repeats
+    python benchmarks/train_step.py --quick    # CI smoke: a tiny MLP, 4 candidates, 2 samples
 
 One step is forward + backward + ``tx.update`` + ``optax.apply_updates`` under ``jax.jit``,
 params and optimizer state donated (updated in place, as in a training loop). Three models
@@ -83,42 +83,53 @@ def stacked_axis(path: str, leaf) -> int | None:
     return 0 if path.startswith("blocks/") else None
 
 
+def init_params(model: nn.Module, *inputs):
+    """``model``'s initial params, initialised under ``jax.jit`` (eager Flax init compiles
+    every op on its own: seconds on a loaded CPU); same key and values as
+    ``models.init_params``."""
+    return jax.jit(model.init)(jax.random.key(0), *inputs)["params"]
+
+
 def build_models(quick: bool) -> dict:
     """``{name: (apply(params, x), params, xs, ys, layer_axis)}``: ``STEPS_PER_SAMPLE`` batches
     of random inputs ``xs`` and integer labels ``ys``, one per step of a sample. Fresh batches
     keep the gradients changing as in training: on one repeated batch the weights settle
-    where the gradient is nearly radial and Layca would time its near-parallel path."""
+    where the gradient is nearly radial and Layca would time its near-parallel path.
+
+    Quick mode (a smoke run) builds only a tiny MLP: on a loaded 2-core CPU each extra model
+    costs seconds of Flax init and XLA compilation per candidate, and the benchmark's code
+    path is the same for every model."""
     nb = STEPS_PER_SAMPLE
     rng = np.random.default_rng(0)
-    if quick:
-        mlp, cnn_f, img, batch = (64, 128, 128, 10), (8, 16), (8, 8, 3), 16
-        tf = dict(vocab=64, dim=32, heads=2, mlp=64, depth=2, seq=16, batch=4)
-    else:
-        mlp, cnn_f, img, batch = (784, 512, 512, 512, 10), (32, 64), (32, 32, 3), 64
-        tf = dict(vocab=512, dim=128, heads=4, mlp=512, depth=4, seq=64, batch=16)
     out = {}
+    mlp, batch = ((16, 32, 10), 8) if quick else ((784, 512, 512, 512, 10), 64)
     fc = models.FCNet(num_classes=mlp[-1], hidden=mlp[1:-1])
     x = rng.normal(size=(nb, 2 * batch, mlp[0])).astype(np.float32)
     out[f"MLP {'-'.join(map(str, mlp))}"] = (
-        models.apply_fn(fc), models.init_params(fc, (mlp[0],)), x,
+        models.apply_fn(fc), init_params(fc, jnp.zeros((1, mlp[0]))), x,
         rng.integers(0, mlp[-1], x.shape[:2]), None)
+    if quick:
+        return out
+    cnn_f, img = (32, 64), (32, 32, 3)
+    tf = dict(vocab=512, dim=128, heads=4, mlp=512, depth=4, seq=64, batch=16)
     cnn = models.SmallCNN(num_classes=10, features=cnn_f)
     x = rng.normal(size=(nb, batch, *img)).astype(np.float32)
     out[f"CNN {'-'.join(map(str, cnn_f))} on {'x'.join(map(str, img))}"] = (
-        models.apply_fn(cnn), models.init_params(cnn, img), x, rng.integers(0, 10, (nb, batch)),
-        None)
+        models.apply_fn(cnn), init_params(cnn, jnp.zeros((1, *img))), x,
+        rng.integers(0, 10, (nb, batch)), None)
     tfm = ScannedTransformer(tf["vocab"], tf["dim"], tf["heads"], tf["mlp"], tf["depth"])
     tokens = rng.integers(0, tf["vocab"], (nb, tf["batch"], tf["seq"] + 1))
-    params = tfm.init(jax.random.key(0), jnp.asarray(tokens[0, :, :-1]))["params"]
+    params = init_params(tfm, jnp.asarray(tokens[0, :, :-1]))
     name = f"Transformer {tf['depth']}x(d{tf['dim']}, mlp{tf['mlp']}) nn.scan, seq {tf['seq']}"
     out[name] = (lambda p, t: tfm.apply({"params": p}, t), params, tokens[..., :-1],
                  tokens[..., 1:], stacked_axis)
     return out
 
 
-# Quick mode compiles only these (compilation dominates a smoke run on 2 CPU cores).
-QUICK = ("optax.sgd", "optax.adam", "layca (sgd)", "layca (adam)", "lars (paper)",
-         "layca (sgd) + monitor", f"layca (sgd) + monitor every={EVERY}")
+# Quick mode compiles only these (compilation dominates a smoke run on 2 CPU cores): one
+# candidate per code path: a reference, Layca alone, the fused monitored Layca and the
+# standalone monitor (wrapping optax.sgd) at every=EVERY.
+QUICK = ("optax.sgd", "layca (sgd)", "layca (sgd) + monitor", f"optax.sgd + monitor every={EVERY}")
 
 
 def optimizers(layer_axis, quick: bool = False) -> dict[str, tuple[optax.GradientTransformation, str]]:
@@ -166,11 +177,12 @@ def bench_model(name, apply, params0, xs, ys, layer_axis, repeats, quick):
     cands = optimizers(layer_axis, quick)
     fns, peaks, first = {}, {}, {}
     for label, (tx, _) in cands.items():
-        state = tx.init(copy(params0))
+        init = jax.jit(tx.init)  # one program, not one eager compile per op
+        state = init(copy(params0))
         step = make_step(apply, tx).lower(params0, state, x, y).compile()  # compiled once
         peaks[label] = peak_bytes(step)
         first[label] = step(copy(params0), state, x, y)[0]
-        carry = [copy(params0), tx.init(copy(params0))]
+        carry = [copy(params0), init(copy(params0))]
 
         def run(step=step, carry=carry):
             for xb, yb in batches:
@@ -226,10 +238,10 @@ def summarise(rows) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="seconds: tiny models, 3 samples")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny MLP, 2 samples")
     parser.add_argument("--repeats", type=int, default=None, help="samples per candidate")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 25)
+    repeats = args.repeats or (2 if args.quick else 25)
     rows = []
     for name, (apply, params, x, y, axis) in build_models(args.quick).items():
         new = bench_model(name, apply, params, x, y, axis, repeats, args.quick)
