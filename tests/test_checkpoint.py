@@ -38,8 +38,8 @@ def batches(n):
         yield jax.random.normal(kx, (32, 8)), jax.random.randint(ky, (32,), 0, 4)
 
 
-# three representatives by default (fused Layca + monitor, chained Layca, AdaptCopy); the others
-# run with -m extended
+# three representatives (fused Layca + monitor, chained Layca, AdaptCopy); the other transforms
+# are marked extended, which the fast subset (-m "not slow and not extended") leaves out
 DEFAULT = ("monitored", "layca_chain", "adapt_copy")
 
 
