@@ -34,6 +34,7 @@ from ._common import (
     combine,
     compare_accuracies,
     history_curves,
+    mnist1d_config,
     panels,
     run_summary,
     runs_table,
@@ -99,19 +100,9 @@ def _copy_group(history: Any):
 
 
 def _train_config(config: ExperimentConfig):
-    from .._train import TrainConfig
-
-    epochs = 4 if config.quick else 30
-    return TrainConfig(
-        dataset="mnist1d",
-        model="deep",
-        epochs=epochs,
-        seed=config.seed,
-        num_train=1000 if config.quick else None,
-        records_per_epoch=16,  # AdaptCopy replays the mean angle between records
-        eval_every=1,
-        validation=0.1,
-    )
+    return mnist1d_config(
+        config, records_per_epoch=16, every_epoch=True, quick_epochs=4
+    )  # AdaptCopy replays the mean angle between records
 
 
 def run(config: ExperimentConfig) -> dict[str, Any]:

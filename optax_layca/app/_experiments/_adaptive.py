@@ -38,6 +38,7 @@ from ._common import (
     combine,
     compare_accuracies,
     history_curves,
+    mnist1d_config,
     panels,
     run_summary,
     runs_table,
@@ -229,19 +230,7 @@ class MomentProbe:
 
 
 def _train_config(config: ExperimentConfig):
-    from .._train import TrainConfig
-
-    epochs = 3 if config.quick else 30
-    return TrainConfig(
-        dataset="mnist1d",
-        model="deep",
-        epochs=epochs,
-        seed=config.seed,
-        num_train=1000 if config.quick else None,
-        records_per_epoch=4,
-        eval_every=1,
-        validation=0.1,
-    )
+    return mnist1d_config(config, every_epoch=True)
 
 
 def run(config: ExperimentConfig) -> dict[str, Any]:

@@ -53,13 +53,14 @@ def mnist1d_config(
     records_per_epoch: int = 4,
     validation: float = 0.1,
     every_epoch: bool = False,
+    quick_epochs: int = 3,
 ) -> Any:
     """The stand-in training of the papers' experiments: MNIST-1D, the 6-layer MLP, 30 epochs
-    of batch 32 (quick: 3 epochs on 1,000 examples); accuracies measured at the end (or after
+    of batch 32 (quick: ``quick_epochs`` on 1,000 examples); accuracies measured at the end (or after
     every epoch)."""
     from .._train import TrainConfig
 
-    epochs = 3 if config.quick else 30
+    epochs = quick_epochs if config.quick else 30
     return TrainConfig(
         dataset="mnist1d",
         model="deep",
